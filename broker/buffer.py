@@ -1,0 +1,181 @@
+"""StreamBuffer: one broker stream's rules, in one place.
+
+A stream is a bounded deque of events kept as the bytes they arrived in;
+``events[i]`` has seq ``base_seq + i`` (the deque of ``(seq, event)`` pairs of
+the design, with the seq implied by position instead of stored: a tuple and an
+int per event would cost more memory than the event itself).
+
+The rules:
+
+* Admission: an event is appended if the deque holds fewer than
+  ``buffer_size`` events, or if its oldest event may leave, which it may once
+  every active subscriber has acknowledged it.  With no subscriber ever, the
+  oldest stays (kept for the first one); once all subscribers have left, it
+  may go.  Otherwise the stream is *full*.
+* A full BLOCK stream parks events in ``parked`` (FIFO, bounded by the
+  caller) and admits them as acknowledgements make room; a full DROP stream
+  drops the event and counts it.
+* Every subscriber has a cursor: the last seq it acknowledged.  Acks only move
+  cursors forward and never past the last seq.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from itertools import islice
+
+from zevents.errors import ReplayUnavailableError, StreamClosedError
+from zevents.protocol.frames import topic
+from zevents.stream import BackpressurePolicy
+
+__all__ = ["StreamBuffer"]
+
+
+class StreamBuffer:
+    """The broker's state for one stream (see the module docstring for the rules)."""
+
+    __slots__ = (
+        "_gate",
+        "base_seq",
+        "buffer_size",
+        "closed",
+        "cursors",
+        "dropped",
+        "events",
+        "events_in",
+        "ever_subscribed",
+        "last_activity",
+        "next_seq",
+        "parked",
+        "policy",
+        "producers",
+        "rejected",
+        "stream_id",
+        "topic",
+        "unpublished",
+        "unpublished_seq",
+    )
+
+    def __init__(self, stream_id: str, buffer_size: int, policy: BackpressurePolicy) -> None:
+        self.stream_id = stream_id
+        self.topic = topic(stream_id)
+        self.buffer_size = buffer_size
+        self.policy = policy
+        self.events: deque[bytes] = deque()
+        self.base_seq = 1  # seq of events[0] (or of the next event, when empty)
+        self.next_seq = 1  # seq the next admitted event gets
+        self.closed = False
+        self.cursors: dict[bytes, int] = {}  # subscriber client ID -> last acked seq
+        self.ever_subscribed = False
+        self._gate = 0  # min(cursors.values()), kept current by _regate
+        # BLOCK events waiting for room: (producer client ID, pseq, raw event).
+        self.parked: deque[tuple[bytes, int, bytes]] = deque()
+        self.producers: dict[bytes, int] = {}  # producer client ID -> last pseq processed
+        self.unpublished: list[bytes] = []  # admitted since the last publish
+        self.unpublished_seq = 0  # seq of unpublished[0]
+        self.events_in = 0
+        self.dropped = 0
+        self.rejected = 0
+        self.last_activity = time.monotonic()
+
+    # -- the ManagedStream protocol ---------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def close(self) -> None:
+        """Mark closed: no more events are admitted; what is buffered stays readable."""
+        if self.closed:
+            raise StreamClosedError(self.stream_id)
+        self.closed = True
+        self.touch()
+
+    @property
+    def last_seq(self) -> int:
+        """Seq of the newest event ever admitted (0 if none)."""
+        return self.next_seq - 1
+
+    # -- admission ----------------------------------------------------------------
+
+    def _oldest_may_leave(self) -> bool:
+        if not self.cursors:
+            return self.ever_subscribed
+        return self._gate >= self.base_seq
+
+    def has_room(self) -> bool:
+        """Whether :meth:`admit` would take an event now."""
+        return len(self.events) < self.buffer_size or self._oldest_may_leave()
+
+    def admit(self, raw: bytes) -> int:
+        """Append ``raw`` (the caller checked :meth:`has_room`) and return its seq."""
+        events = self.events
+        if len(events) >= self.buffer_size:
+            events.popleft()
+            self.base_seq += 1
+        events.append(raw)
+        seq = self.next_seq
+        self.next_seq = seq + 1
+        if not self.unpublished:
+            self.unpublished_seq = seq
+        self.unpublished.append(raw)
+        self.events_in += 1
+        return seq
+
+    def take_unpublished(self) -> tuple[int, list[bytes]]:
+        """``(first seq, events)`` admitted since the last call."""
+        batch = self.unpublished
+        self.unpublished = []
+        return self.unpublished_seq, batch
+
+    # -- subscribers --------------------------------------------------------------
+
+    def check_available(self, from_seq: int) -> None:
+        """Raise :class:`ReplayUnavailableError` if ``from_seq`` has left the buffer."""
+        if from_seq < self.base_seq:
+            raise ReplayUnavailableError(self.stream_id, from_seq, self.base_seq - 1)
+
+    def add_cursor(self, client_id: bytes, from_seq: int | None) -> int:
+        """Register a subscriber that wants events from ``from_seq`` (None: the oldest
+        buffered); returns the effective first seq."""
+        first = self.base_seq if from_seq is None else max(from_seq, 1)
+        self.check_available(first)
+        self.cursors[client_id] = first - 1
+        self.ever_subscribed = True
+        self._regate()
+        return first
+
+    def remove_cursor(self, client_id: bytes) -> bool:
+        """Forget a subscriber; True if it had a cursor here."""
+        if self.cursors.pop(client_id, None) is None:
+            return False
+        self._regate()
+        return True
+
+    def ack(self, client_id: bytes, seq: int) -> bool:
+        """Move ``client_id``'s cursor to ``seq``; True if the gate moved."""
+        current = self.cursors.get(client_id)
+        if current is None or seq <= current:
+            return False
+        self.cursors[client_id] = min(seq, self.next_seq - 1)
+        if current == self._gate:
+            old = self._gate
+            self._regate()
+            return self._gate != old
+        return False
+
+    def _regate(self) -> None:
+        self._gate = min(self.cursors.values()) if self.cursors else 0
+
+    def lagging(self, client_id: bytes) -> bool:
+        """Whether ``client_id`` has not acknowledged everything (or the end)."""
+        acked = self.cursors.get(client_id)
+        return acked is not None and (acked < self.next_seq - 1 or self.closed)
+
+    def slice(self, from_seq: int, limit: int) -> list[bytes]:
+        """Up to ``limit`` buffered events starting at ``from_seq`` (checked available)."""
+        start = max(from_seq - self.base_seq, 0)
+        return list(islice(self.events, start, start + limit))

@@ -1,0 +1,47 @@
+"""BrokerConfig: every knob of the broker, with its default, in one frozen record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zevents.stream import DEFAULT_BUFFER_SIZE, BackpressurePolicy
+
+__all__ = ["DEFAULT_CONTROL", "DEFAULT_INGEST", "DEFAULT_PUBLISH", "BrokerConfig"]
+
+DEFAULT_CONTROL = "tcp://127.0.0.1:5555"
+DEFAULT_INGEST = "tcp://127.0.0.1:5556"
+DEFAULT_PUBLISH = "tcp://127.0.0.1:5557"
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """How a broker binds and behaves.  Times are seconds."""
+
+    control: str = DEFAULT_CONTROL
+    ingest: str = DEFAULT_INGEST
+    publish: str = DEFAULT_PUBLISH
+    buffer_size: int = DEFAULT_BUFFER_SIZE  #: default per-stream buffer
+    policy: BackpressurePolicy = BackpressurePolicy.BLOCK  #: default per-stream policy
+    idle_timeout: float = 300.0  #: close idle streams, then remove closed idle ones
+    subscriber_timeout: float = 5.0  #: a silent client stops gating buffers after this
+    heartbeat_interval: float = 1.0  #: what clients are told to heartbeat at
+    require_create: bool = False  #: refuse events for streams nobody created
+    window: int = 256  #: unacknowledged events a producer may have per stream
+    max_parked: int = 4096  #: BLOCK events waiting for room, per stream
+    max_message_size: int = 1 << 20  #: largest message accepted, bytes
+    max_batch: int = 1024  #: events per publish frame or replay reply
+    max_streams: int = 1_000_000  #: streams the broker holds at most
+
+    def limits(self) -> dict[str, object]:
+        """What the handshake tells clients."""
+        return {
+            "window": self.window,
+            "max_message_size": self.max_message_size,
+            "max_batch": self.max_batch,
+            "heartbeat_interval": self.heartbeat_interval,
+            "subscriber_timeout": self.subscriber_timeout,
+            "buffer_size": self.buffer_size,
+            "policy": str(self.policy),
+            "require_create": self.require_create,
+            "idle_timeout": self.idle_timeout,
+        }

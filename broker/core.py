@@ -1,0 +1,634 @@
+"""BrokerCore: the broker's policy, sans I/O.
+
+The runner (:mod:`broker.server`) feeds it what arrives on the three sockets
+(:meth:`on_ingest`, :meth:`on_control`, :meth:`on_subscription`), ticks it
+(:meth:`on_tick`), and after each round sends what :meth:`flush` returns.
+Nothing here touches a socket or blocks, so it can be driven by a test as
+easily as by the daemon.
+
+Round structure (why batching never adds latency): the runner drains every
+message that is ready, then flushes.  When traffic is quiet a round holds one
+message and it goes out at once; when it is busy a round holds many and each
+stream's new events leave as one publish frame, each producer's acks as one
+message.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from zevents.errors import (
+    LimitExceededError,
+    ProtocolError,
+    StreamClosedError,
+    StreamFullError,
+    StreamNotFoundError,
+    VersionMismatchError,
+    ZEventsError,
+)
+from zevents.ids import validate_stream_id
+from zevents.manager import StreamManager
+from zevents.protocol import frames
+from zevents.protocol.frames import PROTOCOL_VERSION
+from zevents.protocol.records import BrokerStats, RemoteStreamInfo
+from zevents.stream import BackpressurePolicy
+
+from .buffer import StreamBuffer
+from .config import BrokerConfig
+
+__all__ = ["BrokerCore", "BrokerStats"]
+
+log = logging.getLogger("zevents.broker")
+
+_LOG_EVERY = 10.0  # seconds between log lines for one kind of bad input
+_MARKER_TTL = 30.0  # seconds a subscription marker or pending subscribe is kept
+_MAX_HEADS = 512  # lagging streams reported in one heartbeat reply
+
+
+class BrokerCore:
+    """The broker's state machine: streams, subscribers, producers, flow control."""
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        endpoints: dict[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.broker_id = secrets.token_hex(8)
+        eps = endpoints or {}
+        self.endpoints = {
+            "control": eps.get("control", config.control),
+            "ingest": eps.get("ingest", config.ingest),
+            "publish": eps.get("publish", config.publish),
+        }
+        self.streams: StreamManager[StreamBuffer] = StreamManager(
+            config.buffer_size, config.policy, factory=StreamBuffer
+        )
+        self._clients: dict[bytes, float] = {}  # client ID -> last heard (clock)
+        self._subs: dict[bytes, set[str]] = {}  # client ID -> streams it has cursors on
+        self._pending_subs: dict[bytes, tuple[bytes, int, dict[str, Any], float]] = {}
+        self._markers: dict[bytes, float] = {}
+        self._dirty: dict[str, StreamBuffer] = {}  # streams with unpublished events
+        self._acks: dict[bytes, dict[str, int]] = {}  # producer -> stream -> through pseq
+        self._drops: dict[bytes, dict[str, int]] = {}  # producer -> stream -> dropped
+        self._pub: list[bytes] = []
+        self._ctl: list[tuple[bytes, bytes]] = []
+        self._events_out = 0
+        self._dropped = 0
+        self._rejected = 0
+        self._removed_in = 0  # events_in of streams already removed
+        self._bad: dict[str, int] = {}
+        self._bad_logged: dict[str, float] = {}
+        self._last_tick = clock()
+        self._handlers: dict[str, Callable[[bytes, int, dict[str, Any]], Any]] = {
+            "hello": self._op_hello,
+            "create": self._op_create,
+            "get_or_create": self._op_get_or_create,
+            "close": self._op_close,
+            "info": self._op_info,
+            "list": self._op_list,
+            "cleanup": self._op_cleanup,
+            "stats": self._op_stats,
+            "subscribe": self._op_subscribe,
+            "unsubscribe": self._op_unsubscribe,
+            "fetch": self._op_fetch,
+        }
+
+    # -- output ---------------------------------------------------------------------
+
+    def flush(self) -> tuple[list[bytes], list[tuple[bytes, bytes]]]:
+        """What to send now: ``(publish frames, [(client ID, control frame)])``."""
+        for stream in self._dirty.values():
+            self._publish_pending(stream)
+        self._dirty.clear()
+        for client, acks in self._acks.items():
+            flat: list[Any] = []
+            for sid, pseq in acks.items():
+                flat.append(sid)
+                flat.append(pseq)
+            self._ctl.append((client, frames.encode_control("ack", self.broker_id, flat)))
+        self._acks.clear()
+        for client, drops in self._drops.items():
+            for sid, count in drops.items():
+                found = self.streams.find(sid)
+                size = found.buffer_size if found is not None else 0
+                self._ctl.append((client, frames.encode_control("dropped", sid, count, size)))
+        self._drops.clear()
+        pub, ctl = self._pub, self._ctl
+        self._pub, self._ctl = [], []
+        return pub, ctl
+
+    def _publish_pending(self, stream: StreamBuffer) -> None:
+        if not stream.unpublished:
+            return
+        first, batch = stream.take_unpublished()
+        step = self.config.max_batch
+        for i in range(0, len(batch), step):
+            self._pub.append(frames.encode_events(stream.topic, first + i, batch[i : i + step]))
+        self._events_out += len(batch)
+
+    def _send(self, client: bytes, *parts: Any) -> None:
+        self._ctl.append((client, frames.encode_control(*parts)))
+
+    def _reply_error(self, client: bytes, req_id: int, exc: ZEventsError) -> None:
+        self._send(client, "err", req_id, exc.code or "PROTOCOL_ERROR", str(exc), exc.wire_fields())
+
+    # -- bad input ----------------------------------------------------------------------
+
+    def bad_input(self, kind: str, exc: BaseException) -> None:
+        """Count bad input of ``kind`` and log it, at most once per kind every few seconds."""
+        n = self._bad.get(kind, 0) + 1
+        self._bad[kind] = n
+        now = self.clock()
+        if now - self._bad_logged.get(kind, -_LOG_EVERY) >= _LOG_EVERY:
+            self._bad_logged[kind] = now
+            log.warning("bad %s input (%d so far): %s", kind, n, exc)
+
+    # -- ingest -----------------------------------------------------------------------
+
+    def on_ingest(self, frame: bytes) -> None:
+        """Take one ingest frame from a producer."""
+        try:
+            hdr = frames.decode_ingest_header(frame)
+        except ZEventsError as exc:  # no reply address is known: count and log
+            self.bad_input("ingest", exc)
+            return
+        client = hdr.client_id
+        sid = hdr.stream_id
+        if len(frame) > self.config.max_message_size:
+            err: ZEventsError = LimitExceededError(
+                f"stream {sid}: ingest message of {len(frame)} bytes is over"
+                f" max_message_size {self.config.max_message_size}",
+                "max_message_size",
+            )
+            self.bad_input("oversized", err)
+            self._nack_frame(client, sid, hdr, frame, err)
+            return
+        stream = self.streams.find(sid)
+        if stream is None:
+            try:
+                stream = self._create_on_ingest(sid)
+            except ZEventsError as exc:
+                self._nack_frame(client, sid, hdr, frame, exc)
+                return
+        if stream.closed:
+            self._nack_frame(client, sid, hdr, frame, StreamClosedError(sid, "send"))
+            return
+        self._ingest_events(stream, client, hdr, frame)
+
+    def _create_on_ingest(self, sid: str) -> StreamBuffer:
+        if self.config.require_create:
+            raise StreamNotFoundError(sid, "send", "stream not found (create it first)")
+        validate_stream_id(sid)
+        self._check_stream_limit()
+        return self.streams.create_stream(sid)
+
+    def _check_stream_limit(self) -> None:
+        if len(self.streams) >= self.config.max_streams:
+            raise LimitExceededError(
+                f"broker holds {len(self.streams)} streams, its max_streams", "max_streams"
+            )
+
+    def _ingest_events(
+        self, stream: StreamBuffer, client: bytes, hdr: frames.IngestHeader, frame: bytes
+    ) -> None:
+        # Answers: a cumulative ack through the last pseq dealt with here, a nack
+        # per rejected event.  A parked (BLOCK, full) event is answered when it is
+        # admitted, so the cumulative ack must not pass a parked event of this client.
+        sid = stream.stream_id
+        last = stream.producers.get(client, 0)
+        pseq = hdr.first_pseq
+        through = 0
+        block = stream.policy is BackpressurePolicy.BLOCK
+        parked = stream.parked
+        holding = bool(parked) and any(c == client for c, _, _ in parked)
+        dropped = 0
+        for raw, err in frames.iter_checked_events(frame, hdr.body_start):
+            if pseq <= last:  # a resend of something already dealt with
+                pass
+            elif err is not None:
+                stream.rejected += 1
+                self._rejected += 1
+                self.bad_input("event", err)
+                self._nack(client, sid, pseq, pseq, err)
+            elif not parked and stream.has_room():
+                stream.admit(raw)
+            elif not block:
+                dropped += 1
+            elif len(parked) >= self.config.max_parked:
+                stream.rejected += 1
+                self._rejected += 1
+                self._nack(client, sid, pseq, pseq, _parked_full(stream))
+            else:
+                parked.append((client, pseq, raw))
+                holding = True
+            if not holding:
+                through = pseq
+            pseq += 1
+        if pseq - 1 > last:
+            stream.producers[client] = pseq - 1
+        stream.touch()
+        if stream.unpublished:
+            self._dirty[sid] = stream
+        if through:
+            self._ack(client, sid, through)
+        if dropped:
+            stream.dropped += dropped
+            self._dropped += dropped
+            per = self._drops.setdefault(client, {})
+            per[sid] = per.get(sid, 0) + dropped
+
+    def _ack(self, client: bytes, sid: str, pseq: int) -> None:
+        per = self._acks.get(client)
+        if per is None:
+            per = self._acks[client] = {}
+        if per.get(sid, 0) < pseq:
+            per[sid] = pseq
+
+    def _nack(self, client: bytes, sid: str, first: int, last: int, exc: ZEventsError) -> None:
+        # A nack answers first..last on its own; it does not move the cumulative ack.
+        self._send(client, "nack", sid, first, last, exc.code, str(exc), exc.wire_fields())
+
+    def _nack_frame(
+        self,
+        client: bytes,
+        sid: str,
+        hdr: frames.IngestHeader,
+        frame: bytes,
+        exc: ZEventsError,
+    ) -> None:
+        count = sum(1 for _ in frames.iter_checked_events(frame, hdr.body_start))
+        last = hdr.first_pseq + max(count, 1) - 1
+        self._rejected += count
+        self._nack(client, sid, hdr.first_pseq, last, exc)
+
+    def _admit_parked(self, stream: StreamBuffer) -> None:
+        parked = stream.parked
+        while parked and stream.has_room():
+            client, pseq, raw = parked.popleft()
+            stream.admit(raw)
+            self._ack(client, stream.stream_id, pseq)
+        if stream.unpublished:
+            self._dirty[stream.stream_id] = stream
+
+    # -- subscriptions on the publish socket ------------------------------------------
+
+    def on_subscription(self, frame: bytes) -> None:
+        """Take one (un)subscription message from the XPUB socket.
+
+        A subscriber announces each ``subscribe`` command by also subscribing
+        to ``0x00 + token``: the SUB socket sends subscriptions in order, so
+        when the marker arrives here the stream's topic is already in effect
+        and the replay can start with no gap at the seam.
+        """
+        if len(frame) >= 2 and frame[0] == 1 and frame[1] == 0:
+            token = bytes(frame[2:])
+            pending = self._pending_subs.pop(token, None)
+            if pending is None:
+                self._markers[token] = self.clock()
+            else:
+                client, req_id, args, _ = pending
+                self._activate(client, req_id, args)
+
+    # -- control ---------------------------------------------------------------------
+
+    def on_control(self, client: bytes, frame: bytes) -> None:
+        """Take one control message from ``client`` (its ROUTER routing ID)."""
+        self._clients[client] = self.clock()
+        try:
+            msg = frames.decode_control(frame)
+        except ProtocolError as exc:
+            self.bad_input("control", exc)
+            self._reply_error(client, 0, exc)
+            return
+        kind = msg[0]
+        if kind == "ack":
+            self._on_acks(client, msg)
+            return
+        if kind == "hb":
+            self._send(client, "hb", self.broker_id, self._heads(client))
+            return
+        req_id = msg[1] if len(msg) > 1 and type(msg[1]) is int else 0
+        handler = self._handlers.get(kind)
+        if handler is None:
+            unknown = ProtocolError(f"unknown command {kind!r}")
+            self.bad_input("command", unknown)
+            self._reply_error(client, req_id, unknown)
+            return
+        args = msg[2] if len(msg) > 2 else {}
+        try:
+            if type(args) is not dict:
+                raise ProtocolError(f"{kind}: arguments must be a map")
+            result = handler(client, req_id, args)
+        except ZEventsError as exc:
+            self._reply_error(client, req_id, exc)
+            return
+        except (TypeError, ValueError, KeyError, OverflowError) as exc:
+            err = ProtocolError(f"{kind}: bad arguments: {exc!r}")
+            self.bad_input("command", err)
+            self._reply_error(client, req_id, err)
+            return
+        if result is not _DEFERRED:
+            self._send(client, "ok", req_id, result)
+
+    def _stream_arg(self, args: dict[str, Any]) -> str:
+        sid = args.get("stream")
+        return validate_stream_id(sid)
+
+    def _get(self, args: dict[str, Any]) -> StreamBuffer:
+        sid = self._stream_arg(args)
+        stream = self.streams.find(sid)
+        if stream is None:
+            raise StreamNotFoundError(sid)
+        return stream
+
+    def _info(self, stream: StreamBuffer) -> dict[str, Any]:
+        return RemoteStreamInfo(
+            stream=stream.stream_id,
+            buffer_size=stream.buffer_size,
+            policy=str(stream.policy),
+            current_load=len(stream.events),
+            first_seq=stream.base_seq,
+            last_seq=stream.last_seq,
+            closed=stream.closed,
+            subscribers=len(stream.cursors),
+            parked=len(stream.parked),
+            events_in=stream.events_in,
+            dropped=stream.dropped,
+            rejected=stream.rejected,
+            idle=round(max(self.clock() - stream.last_activity, 0.0), 3),
+        ).to_wire()
+
+    def _op_hello(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
+        version = args.get("version")
+        if version != PROTOCOL_VERSION:
+            raise VersionMismatchError(
+                f"broker speaks protocol version {PROTOCOL_VERSION}, client asked for {version!r}"
+            )
+        return {
+            "version": PROTOCOL_VERSION,
+            "broker_id": self.broker_id,
+            "control": self.endpoints["control"],
+            "ingest": self.endpoints["ingest"],
+            "publish": self.endpoints["publish"],
+            "limits": self.config.limits(),
+        }
+
+    def _create_args(self, args: dict[str, Any]) -> tuple[int | None, BackpressurePolicy | None]:
+        size = args.get("buffer_size")
+        if size is not None and (type(size) is not int or size < 0):
+            raise ProtocolError("buffer_size must be a non-negative int")
+        policy = args.get("policy")
+        return size or None, BackpressurePolicy.parse(policy) if policy is not None else None
+
+    def _op_create(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
+        sid = self._stream_arg(args)
+        size, policy = self._create_args(args)
+        self._check_stream_limit()
+        stream = self.streams.create_stream(sid, buffer_size=size, policy=policy)
+        return self._info(stream)
+
+    def _op_get_or_create(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
+        sid = self._stream_arg(args)
+        size, policy = self._create_args(args)
+        if sid not in self.streams:
+            self._check_stream_limit()
+        stream, created = self.streams.get_or_create(sid, buffer_size=size, policy=policy)
+        return {**self._info(stream), "created": created}
+
+    def close_stream(self, stream: StreamBuffer) -> None:
+        """Close ``stream``: publish what is pending, then the end; tell its producers."""
+        stream.close()
+        self._publish_pending(stream)
+        self._dirty.pop(stream.stream_id, None)
+        sid = stream.stream_id
+        while stream.parked:  # never admitted: their producers learn it was closed
+            client, pseq, _ = stream.parked.popleft()
+            stream.rejected += 1
+            self._rejected += 1
+            self._nack(client, sid, pseq, pseq, StreamClosedError(sid, "send"))
+        self._pub.append(frames.encode_end(stream.topic, stream.last_seq))
+        for producer in stream.producers:
+            self._send(producer, "closed", sid, stream.last_seq)
+
+    def _op_close(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
+        stream = self._get(args)
+        self.close_stream(stream)
+        return self._info(stream)
+
+    def _op_info(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
+        return self._info(self._get(args))
+
+    def _op_list(self, client: bytes, req_id: int, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return [self._info(s) for _, s in sorted(self.streams, key=lambda kv: kv[0])]
+
+    def _op_cleanup(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
+        threshold = args.get("threshold", 0)
+        if type(threshold) not in (int, float):
+            raise ProtocolError("threshold must be a number of seconds")
+        return {"removed": self.cleanup(float(threshold))}
+
+    def _op_stats(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
+        return self.stats().to_wire()
+
+    def _op_subscribe(self, client: bytes, req_id: int, args: dict[str, Any]) -> object:
+        sid = self._stream_arg(args)
+        token = args.get("token")
+        if type(token) is not bytes or not token:
+            raise ProtocolError("subscribe needs a non-empty binary token")
+        if sid not in self.streams:
+            if not args.get("create"):
+                raise StreamNotFoundError(sid, "subscribe")
+            self._check_stream_limit()
+            self.streams.get_or_create(sid)
+        if self._markers.pop(token, None) is not None:
+            self._activate(client, req_id, args)
+        else:
+            self._pending_subs[token] = (client, req_id, args, self.clock())
+        return _DEFERRED
+
+    def _activate(self, client: bytes, req_id: int, args: dict[str, Any]) -> None:
+        """Both the command and its marker are in: register the cursor, reply with the replay."""
+        try:
+            stream = self._get(args)
+            from_seq = args.get("from_seq")
+            if from_seq is not None and type(from_seq) is not int:
+                raise ProtocolError("from_seq must be an int or nil")
+            first = stream.add_cursor(client, from_seq)
+        except ZEventsError as exc:
+            self._reply_error(client, req_id, exc)
+            return
+        self._subs.setdefault(client, set()).add(stream.stream_id)
+        stream.touch()
+        self._send(client, "ok", req_id, self._replay(stream, first))
+
+    def _replay(self, stream: StreamBuffer, first: int) -> dict[str, Any]:
+        batch = stream.slice(first, self.config.max_batch) if first <= stream.last_seq else []
+        self._events_out += len(batch)
+        return {
+            "stream": stream.stream_id,
+            "first_seq": first,
+            "events": b"".join(batch),
+            "count": len(batch),
+            "last_seq": stream.last_seq,
+            "closed": stream.closed,
+            "buffer_size": stream.buffer_size,
+            "policy": str(stream.policy),
+        }
+
+    def _op_unsubscribe(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
+        stream = self._get(args)
+        self._drop_cursor(client, stream)
+        return {}
+
+    def _drop_cursor(self, client: bytes, stream: StreamBuffer) -> None:
+        if stream.remove_cursor(client):
+            subs = self._subs.get(client)
+            if subs is not None:
+                subs.discard(stream.stream_id)
+            if stream.parked:
+                self._admit_parked(stream)
+
+    def _op_fetch(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
+        stream = self._get(args)
+        from_seq = args.get("from_seq")
+        if type(from_seq) is not int or from_seq < 1:
+            raise ProtocolError("fetch needs from_seq >= 1")
+        stream.check_available(from_seq)
+        stream.touch()
+        return self._replay(stream, from_seq)
+
+    def _on_acks(self, client: bytes, msg: list[Any]) -> None:
+        flat = msg[1] if len(msg) > 1 else None
+        if type(flat) is not list or len(flat) % 2:
+            self.bad_input("ack", ProtocolError("ack needs [stream, seq, ...]"))
+            return
+        find = self.streams.find
+        for i in range(0, len(flat), 2):
+            sid, seq = flat[i], flat[i + 1]
+            if type(sid) is not str or type(seq) is not int:
+                self.bad_input("ack", ProtocolError("ack entries are [str, int]"))
+                return
+            stream = find(sid)
+            if stream is None:
+                continue
+            stream.last_activity = self._clients[client]
+            if stream.ack(client, seq) and stream.parked:
+                self._admit_parked(stream)
+
+    def _heads(self, client: bytes) -> list[list[Any]]:
+        heads: list[list[Any]] = []
+        for sid in self._subs.get(client, ()):
+            stream = self.streams.find(sid)
+            if stream is not None and stream.lagging(client):
+                heads.append([sid, stream.last_seq, stream.closed])
+                if len(heads) >= _MAX_HEADS:
+                    break
+        return heads
+
+    # -- time -----------------------------------------------------------------------
+
+    def on_tick(self) -> None:
+        """Expire silent clients, idle streams and stale subscription handshakes."""
+        now = self.clock()
+        self._last_tick = now
+        dead_after = now - self.config.subscriber_timeout
+        for client in [c for c, seen in self._clients.items() if seen < dead_after]:
+            self.forget_client(client)
+        stale = now - _MARKER_TTL
+        for token in [t for t, seen in self._markers.items() if seen < stale]:
+            del self._markers[token]
+        for token, (client, req_id, args, seen) in list(self._pending_subs.items()):
+            if seen < stale:
+                del self._pending_subs[token]
+                err = ProtocolError(
+                    f"subscribe {args.get('stream')!r}: the SUB socket's marker never arrived"
+                )
+                self._reply_error(client, req_id, err)
+        if self.config.idle_timeout > 0:
+            self._expire_idle(self.config.idle_timeout)
+
+    def forget_client(self, client: bytes) -> None:
+        """A client went silent: it stops gating every stream it subscribed to."""
+        self._clients.pop(client, None)
+        for sid in self._subs.pop(client, set()):
+            stream = self.streams.find(sid)
+            if stream is not None:
+                self._drop_cursor(client, stream)
+
+    def _expire_idle(self, threshold: float) -> None:
+        for sid in self.streams.inactive(threshold):
+            stream = self.streams.find(sid)
+            if stream is None:
+                continue
+            if stream.closed:
+                self._remove(sid)
+            else:
+                log.info("closing stream %s: idle for %.0fs", sid, threshold)
+                self.close_stream(stream)
+
+    def cleanup(self, threshold: float) -> int:
+        """Close and remove streams idle for longer than ``threshold`` seconds; how many."""
+        removed = 0
+        for sid in self.streams.inactive(threshold):
+            stream = self.streams.find(sid)
+            if stream is None:
+                continue
+            if not stream.closed:
+                self.close_stream(stream)
+            self._remove(sid)
+            removed += 1
+        return removed
+
+    def _remove(self, sid: str) -> None:
+        stream = self.streams.remove_stream(sid)
+        if stream is None:
+            return
+        self._removed_in += stream.events_in
+        for client in stream.cursors:
+            subs = self._subs.get(client)
+            if subs is not None:
+                subs.discard(sid)
+        self._dirty.pop(sid, None)
+
+    def shutdown(self) -> None:
+        """Close every open stream so subscribers are told the end."""
+        for _, stream in self.streams:
+            if not stream.closed:
+                self.close_stream(stream)
+
+    # -- stats ---------------------------------------------------------------------
+
+    def stats(self) -> BrokerStats:
+        """A frozen snapshot of the broker's counters."""
+        streams = [s for _, s in self.streams]
+        return BrokerStats(
+            streams=len(streams),
+            open_streams=sum(1 for s in streams if not s.closed),
+            subscribers=sum(len(s.cursors) for s in streams),
+            clients=len(self._clients),
+            events_in=self._removed_in + sum(s.events_in for s in streams),
+            events_out=self._events_out,
+            dropped=self._dropped,
+            rejected=self._rejected,
+            parked=sum(len(s.parked) for s in streams),
+            bad_input=dict(self._bad),
+        )
+
+
+def _parked_full(stream: StreamBuffer) -> StreamFullError:
+    return StreamFullError(
+        stream.stream_id,
+        stream.buffer_size,
+        "send",
+        f"buffer full (size {stream.buffer_size}) and too many events waiting for room",
+    )
+
+
+_DEFERRED = object()  # a handler that replies later (subscribe waits for its marker)

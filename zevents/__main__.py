@@ -1,0 +1,5 @@
+"""``python -m zevents``: the command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,145 @@
+"""What every client shares: the endpoint, the control socket, the session.
+
+The sync classes do their I/O in the caller's thread, during calls; the
+asyncio classes run a reader task.  Both hand every control message to
+:meth:`_ClientBase._on_control`, which holds the logic.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import zmq
+
+from ..errors import BrokerUnavailableError, ProtocolError
+from ..protocol import frames
+from ..protocol.session import Handshake, Reply, Session
+
+__all__ = ["DEFAULT_BROKER", "DEFAULT_TIMEOUT", "resolve_broker"]
+
+DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+#: Seconds a call waits for the broker to answer before BrokerUnavailableError.
+DEFAULT_TIMEOUT = 5.0
+_HWM = 100_000
+
+
+def resolve_broker(broker: str | None) -> str:
+    """The control endpoint: the argument, else ``$ZEVENTS_BROKER``, else the default."""
+    return broker or os.environ.get("ZEVENTS_BROKER") or DEFAULT_BROKER
+
+
+class _ClientBase:
+    """Session bookkeeping and control-message dispatch shared by every client."""
+
+    _closed: bool
+
+    def __init__(self, broker: str | None, timeout: float) -> None:
+        self.broker = resolve_broker(broker)
+        self.timeout = timeout
+        self._session = Session(self.broker)
+        self._closed = False
+        self._replies: dict[Any, Reply] = {}
+        self._restart_pending = False
+
+    @property
+    def client_id(self) -> bytes:
+        """This client's ID (its routing ID on the control socket)."""
+        return self._session.client_id
+
+    @property
+    def handshake(self) -> Handshake:
+        """What the broker said when we connected."""
+        hs = self._session.handshake
+        if hs is None:
+            raise BrokerUnavailableError(f"not connected to {self.broker}")
+        return hs
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+
+    def _setup_control(self, sock: zmq.Socket[Any]) -> None:
+        sock.setsockopt(zmq.ROUTING_ID, self._session.client_id)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, _HWM)
+        sock.setsockopt(zmq.RCVHWM, _HWM)
+        sock.connect(self.broker)
+
+    # -- incoming -------------------------------------------------------------------
+
+    def _on_control(self, frame: bytes) -> None:
+        """Dispatch one control message from the broker."""
+        self._session.heard(time.monotonic())
+        try:
+            msg = frames.decode_control(frame)
+        except ProtocolError:
+            return  # a broker never sends this; ignore rather than die
+        kind = msg[0]
+        if kind in ("ok", "err"):
+            reply = self._session.on_reply(msg)
+            if reply is None:
+                return
+            if reply.tag == "hello" and self._restart_pending and reply.error is None:
+                self._restart_pending = False
+                self._on_reconnected()
+            self._on_reply(reply)
+        elif kind == "hb":
+            if len(msg) > 1 and self._session.restarted(msg[1]):
+                self._broker_restarted()
+            self._on_heartbeat(msg)
+        else:
+            if kind == "ack" and len(msg) > 1 and self._session.restarted(msg[1]):
+                self._broker_restarted()
+            self._on_message(msg)
+
+    def _broker_restarted(self) -> None:
+        if self._restart_pending:
+            return
+        self._restart_pending = True
+        self._forget_requests(self._session.forget_pending())
+        self._send_control(self._session.hello(time.monotonic()))
+
+    # Hooks the concrete clients override.
+
+    def _on_reply(self, reply: Reply) -> None:
+        self._replies[reply.tag] = reply
+
+    def _on_heartbeat(self, msg: list[Any]) -> None:
+        pass
+
+    def _on_message(self, msg: list[Any]) -> None:
+        pass
+
+    def _on_reconnected(self) -> None:
+        pass
+
+    def _forget_requests(self, tags: list[Any]) -> None:
+        pass
+
+    def _send_control(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    # -- outgoing helpers --------------------------------------------------------------
+
+    def _request(self, op: str, args: dict[str, Any], tag: Any) -> None:
+        self._send_control(self._session.request(op, args, tag, time.monotonic()))
+
+    def _take_reply(self, tag: Any) -> Any:
+        """The result of a finished request; raises its error."""
+        reply = self._replies.pop(tag)
+        if reply.error is not None:
+            raise reply.error
+        return reply.result
+
+    def _unavailable(self, what: str) -> BrokerUnavailableError:
+        return BrokerUnavailableError(
+            f"broker at {self.broker} did not answer {what} within {self.timeout:g}s"
+        )
+
+    def _broker_silent(self, now: float) -> bool:
+        """The broker has not been heard from for long enough to call it gone."""
+        s = self._session
+        limit = max(self.timeout, 3 * s.heartbeat_interval)
+        return now - s.last_heard > limit and now - s.last_sent < limit

@@ -1,0 +1,224 @@
+"""The two ways clients move bytes: in the caller's thread, or in asyncio tasks.
+
+Each offers the same three things to the client classes: send a control
+frame, wait (with a deadline) until a condition holds while handling whatever
+arrives, and connect with a handshake.  The logic they feed lives in
+:class:`~zevents.client._base._ClientBase` and the sans-IO protocol objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from ..errors import BrokerUnavailableError
+from ._base import _HWM, _ClientBase
+
+__all__ = ["AsyncIO", "SyncIO"]
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+class SyncIO(_ClientBase):
+    """Sockets driven from the caller's thread, during calls."""
+
+    def __init__(
+        self,
+        broker: str | None,
+        timeout: float,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        super().__init__(broker, timeout)
+        self._own_ctx = context is None
+        self._ctx: zmq.Context[Any] = context or zmq.Context()
+        self._ctl = self._ctx.socket(zmq.DEALER)
+        self._setup_control(self._ctl)
+        self._poller = zmq.Poller()
+        self._poller.register(self._ctl, zmq.POLLIN)
+        self._data_socks: dict[zmq.Socket[Any], Callable[[bytes], None]] = {}
+
+    def _add_data_socket(self, sock: zmq.Socket[Any], handler: Callable[[bytes], None]) -> None:
+        self._data_socks[sock] = handler
+        self._poller.register(sock, zmq.POLLIN)
+
+    def _new_socket(self, kind: int) -> zmq.Socket[Any]:
+        s: zmq.Socket[Any] = self._ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, _HWM)
+        s.setsockopt(zmq.RCVHWM, _HWM)
+        return s
+
+    def _send_control(self, frame: bytes) -> None:
+        self._ctl.send(frame)
+
+    def _connect(self) -> None:
+        """Handshake, or :class:`BrokerUnavailableError` within ``timeout``."""
+        try:
+            self._send_control(self._session.hello(time.monotonic()))
+            self._wait(lambda: "hello" in self._replies, self.timeout, "the handshake")
+            self._take_reply("hello")
+        except BaseException:
+            self._close_sockets()
+            raise
+
+    def _pump(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for input, then handle all that is ready."""
+        now = time.monotonic()
+        if self._session.heartbeat_due(now):
+            self._send_control(self._session.heartbeat(now))
+        ready = self._poller.poll(int(max(timeout, 0.0) * 1000))
+        for sock, _ in ready:
+            handler = self._on_control if sock is self._ctl else self._data_socks[sock]
+            for _ in range(4096):
+                try:
+                    frame = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                handler(frame)
+        self._after_pump()
+
+    def _after_pump(self) -> None:
+        pass
+
+    def _wait(self, pred: Callable[[], bool], timeout: float | None, what: str) -> bool:
+        """Handle input until ``pred()`` holds; False at the timeout (None: no timeout).
+
+        Raises :class:`BrokerUnavailableError` if the broker goes silent meanwhile.
+        """
+        deadline = _deadline(timeout)
+        while not pred():
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                if what == "the handshake":
+                    raise self._unavailable(what)
+                return False
+            if self._broker_silent(now) and what != "the handshake":
+                raise self._unavailable(what)
+            step = self._session.heartbeat_interval
+            if deadline is not None:
+                step = min(step, deadline - now)
+            self._pump(step)
+        return True
+
+    def _close_sockets(self) -> None:
+        for sock in (self._ctl, *self._data_socks):
+            sock.close(linger=0)
+        if self._own_ctx:
+            self._ctx.term()
+
+
+class AsyncIO(_ClientBase):
+    """Sockets driven by asyncio tasks: a reader per socket and a heartbeat."""
+
+    def __init__(
+        self,
+        broker: str | None,
+        timeout: float,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        super().__init__(broker, timeout)
+        self._own_ctx = context is None
+        self._ctx = context or zmq.asyncio.Context()
+        self._ctl = self._ctx.socket(zmq.DEALER)
+        self._setup_control(self._ctl)
+        self._data_socks: list[zmq.asyncio.Socket] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._changed = asyncio.Event()
+
+    def _new_socket(self, kind: int) -> zmq.asyncio.Socket:
+        s = self._ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, _HWM)
+        s.setsockopt(zmq.RCVHWM, _HWM)
+        return s
+
+    def _send_control(self, frame: bytes) -> None:
+        self._ctl.send(frame)  # DEALER: queued at once, never waits at our HWM
+
+    def _notify(self) -> None:
+        old, self._changed = self._changed, asyncio.Event()
+        old.set()
+
+    async def _read(self, sock: zmq.asyncio.Socket, handler: Callable[[bytes], None]) -> None:
+        # A sync view of the same socket drains what is queued without a future per message.
+        raw: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
+        while True:
+            frame = await sock.recv()
+            handler(frame)
+            # Take what else is already queued before waking anyone: batches acks too.
+            for _ in range(4096):
+                try:
+                    frame = raw.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                handler(frame)
+            self._after_pump()
+            self._notify()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self._session.heartbeat_interval / 2)
+            now = time.monotonic()
+            if self._session.heartbeat_due(now):
+                self._send_control(self._session.heartbeat(now))
+            self._on_tick(now)
+            self._notify()
+
+    def _on_tick(self, now: float) -> None:
+        pass
+
+    def _after_pump(self) -> None:
+        pass
+
+    def _start_reader(self, sock: zmq.asyncio.Socket, handler: Callable[[bytes], None]) -> None:
+        self._tasks.append(asyncio.ensure_future(self._read(sock, handler)))
+
+    async def _connect(self) -> None:
+        self._start_reader(self._ctl, self._on_control)
+        try:
+            self._send_control(self._session.hello(time.monotonic()))
+            await self._wait(lambda: "hello" in self._replies, self.timeout, "the handshake")
+            self._take_reply("hello")
+        except BaseException:
+            await self._close_sockets()
+            raise
+        self._tasks.append(asyncio.ensure_future(self._heartbeat()))
+
+    async def _wait(self, pred: Callable[[], bool], timeout: float | None, what: str) -> bool:
+        """Await until ``pred()`` holds; False at the timeout (None: no timeout)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not pred():
+            now = loop.time()
+            if deadline is not None and now >= deadline:
+                if what == "the handshake":
+                    raise self._unavailable(what)
+                return False
+            if self._broker_silent(time.monotonic()) and what != "the handshake":
+                raise self._unavailable(what)
+            step = self._session.heartbeat_interval
+            if deadline is not None:
+                step = min(step, deadline - now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), step)
+        return True
+
+    async def _close_sockets(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, BrokerUnavailableError, Exception):
+                await task
+        self._tasks.clear()
+        for sock in (self._ctl, *self._data_socks):
+            sock.close(linger=0)
+        if self._own_ctx:
+            self._ctx.term()

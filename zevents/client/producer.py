@@ -1,0 +1,311 @@
+"""Producers: push events into broker streams, with the broker's flow control.
+
+>>> from zevents import Event, Producer                     # doctest: +SKIP
+>>> with Producer("tcp://127.0.0.1:5555") as p:              # doctest: +SKIP
+...     p.send("session-1", Event.text_delta("Hello"))
+...     p.flush()
+
+``send`` returns once the event is on its way and the stream's window had
+room; under BLOCK it waits (up to ``timeout``) while the stream is full.
+``flush`` waits until the broker has answered every event sent.  Errors the
+broker reports later (a DROP stream dropped events, the stream was closed)
+are raised by the next ``send`` or ``flush`` on that stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from ..errors import InvalidEventError
+from ..events import Event
+from ..ids import validate_stream_id
+from ..protocol.producer import ProducerState, StreamClosed
+from ._base import DEFAULT_TIMEOUT, _ClientBase
+from ._io import AsyncIO, SyncIO
+
+__all__ = ["AsyncProducer", "Producer", "StreamClosed"]
+
+ClosedCallback = Callable[[StreamClosed], None]
+
+
+class _ProducerLogic(_ClientBase):
+    """What both producers share: encoding, answers, restarts, close notices."""
+
+    _state: ProducerState
+    _callbacks: list[ClosedCallback]
+    _closed_streams: dict[str, StreamClosed]
+
+    def _init_producer(self) -> None:
+        self._state = ProducerState(self._session.client_id, int(self.handshake.limits["window"]))
+        self._max_batch = max(int(self.handshake.limits.get("max_batch", 1024)), 1)
+        self._callbacks = []
+        self._closed_streams = {}
+
+    @staticmethod
+    def _encode(events: Iterable[Event]) -> list[bytes]:
+        raws = []
+        for event in events:
+            if event is None:
+                raise InvalidEventError("event cannot be None")
+            if not isinstance(event, Event):
+                raise InvalidEventError(f"expected an Event, not {type(event).__name__}")
+            raws.append(event.to_msgpack())  # validates
+        return raws
+
+    def _on_message(self, msg: list[Any]) -> None:
+        for closed in self._state.on_message(msg):
+            self._closed_streams[closed.stream_id] = closed
+            for callback in list(self._callbacks):
+                callback(closed)
+
+    def _on_reconnected(self) -> None:
+        # A new broker process: send again what the old one never answered.
+        for frame in self._state.resend():
+            self._push_frame(frame)
+
+    def _push_frame(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    def on_closed(self, callback: ClosedCallback) -> None:
+        """Call ``callback(StreamClosed)`` when the broker says one of our streams closed.
+
+        Use it to cancel the LLM call when a user pressed stop.  (The sync
+        producer calls it from inside its own calls: ``send``, ``flush``, ``poll``.)
+        """
+        self._callbacks.append(callback)
+
+    def is_closed(self, stream_id: str) -> bool:
+        """Whether the broker told us ``stream_id`` was closed."""
+        return self._state.is_closed(stream_id)
+
+    def unanswered(self, stream_id: str | None = None) -> int:
+        """Events sent that the broker has not answered yet."""
+        return self._state.unanswered(stream_id)
+
+
+class Producer(_ProducerLogic, SyncIO):
+    """Sends events to streams on a broker; blocking calls, in the caller's thread.
+
+    ``broker`` is the control endpoint (default ``$ZEVENTS_BROKER`` or
+    ``tcp://127.0.0.1:5555``); ``timeout`` bounds how long any call waits for
+    the broker to answer before :class:`BrokerUnavailableError`.
+    """
+
+    def __init__(
+        self,
+        broker: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        SyncIO.__init__(self, broker, timeout, context)
+        self._connect()
+        self._push = self._new_socket(zmq.PUSH)
+        self._data_socks[self._push] = lambda frame: None
+        self._push.connect(self.handshake.ingest)
+        self._init_producer()
+
+    def _push_frame(self, frame: bytes) -> None:
+        # copy=False: pyzmq copies small frames anyway and keeps a reference to
+        # large ones; frames are fresh immutable bytes, so nothing can mutate them.
+        self._push.send(frame, copy=False)
+
+    def send(self, stream_id: str, event: Event, timeout: float | None = None) -> None:
+        """Send one event to ``stream_id`` (see :meth:`send_many`)."""
+        self.send_many(stream_id, (event,), timeout)
+
+    def send_many(
+        self, stream_id: str, events: Iterable[Event], timeout: float | None = None
+    ) -> None:
+        """Send ``events`` to ``stream_id`` in order, batched into few messages.
+
+        Waits while the stream's window is used up (a full BLOCK stream),
+        raising :class:`TimeoutError` after ``timeout`` seconds.  Raises
+        :class:`StreamClosedError` if the stream was closed and what the broker
+        reported since the last call (:class:`StreamFullError` for drops).
+        """
+        self._check_open()
+        validate_stream_id(stream_id)
+        raws = self._encode(events)
+        state = self._state
+        self._pump(0)
+        state.check(stream_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        i = 0
+        while i < len(raws):
+            room = state.room(stream_id)
+            if room <= 0:
+                left = None if deadline is None else deadline - time.monotonic()
+                if not self._wait(lambda: state.room(stream_id) > 0, left, "send"):
+                    raise TimeoutError(f"stream {stream_id}: send: timed out waiting for room")
+                state.check(stream_id)
+                continue
+            chunk = raws[i : i + min(room, self._max_batch)]
+            self._push_frame(state.encode(stream_id, chunk))
+            i += len(chunk)
+
+    def flush(self, stream_id: str | None = None, timeout: float | None = None) -> None:
+        """Wait until the broker answered every event sent (to one stream, or all).
+
+        Raises what the broker reported (drops, closure), :class:`TimeoutError`
+        after ``timeout`` seconds.
+        """
+        self._check_open()
+        state = self._state
+        if not self._wait(lambda: state.unanswered(stream_id) == 0, timeout, "flush"):
+            raise TimeoutError(f"flush: {state.unanswered(stream_id)} events still unanswered")
+        for sid in [stream_id] if stream_id is not None else list(state._streams):
+            if not state.is_closed(sid):
+                state.check(sid)
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Handle what the broker sent (acks, close notices) for up to ``timeout`` seconds."""
+        self._check_open()
+        self._pump(timeout)
+
+    def wait_closed(self, stream_id: str, timeout: float | None = None) -> bool:
+        """Wait until the broker says ``stream_id`` closed; False at the timeout."""
+        self._check_open()
+        return self._wait(lambda: self._state.is_closed(stream_id), timeout, "wait_closed")
+
+    def close(self) -> None:
+        """Close the sockets (events not yet answered may be lost: ``flush`` first)."""
+        if not self._closed:
+            self._closed = True
+            self._close_sockets()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is None:
+                self.flush(timeout=self.timeout)
+        finally:
+            self.close()
+
+
+class AsyncProducer(_ProducerLogic, AsyncIO):
+    """:class:`Producer` for asyncio: ``async with AsyncProducer(broker) as p``.
+
+    ``send`` queues the event and returns once the stream's window has room;
+    everything sent in one turn of the event loop leaves as one message per
+    stream (batched when busy, at once when quiet).
+    """
+
+    def __init__(
+        self,
+        broker: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        AsyncIO.__init__(self, broker, timeout, context)
+        self._pending: dict[str, list[bytes]] = {}
+        self._flush_scheduled = False
+        self._push: zmq.asyncio.Socket | None = None
+
+    async def connect(self) -> AsyncProducer:
+        """Handshake with the broker; :class:`BrokerUnavailableError` within ``timeout``."""
+        await self._connect()
+        self._push = self._new_socket(zmq.PUSH)
+        self._data_socks.append(self._push)
+        self._push.connect(self.handshake.ingest)
+        self._init_producer()
+        return self
+
+    def _push_frame(self, frame: bytes) -> None:
+        assert self._push is not None
+        self._push.send(frame, copy=False)
+
+    def _room(self, stream_id: str) -> int:
+        return self._state.room(stream_id) - len(self._pending.get(stream_id, ()))
+
+    def _flush_pending(self) -> None:
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, {}
+        for sid, raws in pending.items():
+            for i in range(0, len(raws), self._max_batch):
+                self._push_frame(self._state.encode(sid, raws[i : i + self._max_batch]))
+
+    async def send(self, stream_id: str, event: Event, timeout: float | None = None) -> None:
+        """Queue one event for ``stream_id`` (see :meth:`send_many`)."""
+        await self.send_many(stream_id, (event,), timeout)
+
+    async def send_many(
+        self, stream_id: str, events: Iterable[Event], timeout: float | None = None
+    ) -> None:
+        """Queue ``events`` for ``stream_id``, awaiting room in its window (BLOCK)."""
+        self._check_open()
+        validate_stream_id(stream_id)
+        raws = self._encode(events)
+        self._state.check(stream_id)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        i = 0
+        while i < len(raws):
+            room = self._room(stream_id)
+            if room <= 0:
+                if self._pending:
+                    self._flush_pending()
+                left = None if deadline is None else deadline - loop.time()
+                if not await self._wait(lambda: self._room(stream_id) > 0, left, "send"):
+                    raise TimeoutError(f"stream {stream_id}: send: timed out waiting for room")
+                self._state.check(stream_id)
+                continue
+            self._pending.setdefault(stream_id, []).extend(raws[i : i + room])
+            i += room
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush_pending)
+
+    async def flush(self, stream_id: str | None = None, timeout: float | None = None) -> None:
+        """Await until the broker answered every event sent; raises what it reported."""
+        self._check_open()
+        self._flush_pending()
+        state = self._state
+        if not await self._wait(lambda: state.unanswered(stream_id) == 0, timeout, "flush"):
+            raise TimeoutError(f"flush: {state.unanswered(stream_id)} events still unanswered")
+        for sid in [stream_id] if stream_id is not None else list(state._streams):
+            if not state.is_closed(sid):
+                state.check(sid)
+
+    async def wait_closed(self, stream_id: str, timeout: float | None = None) -> bool:
+        """Await the broker's word that ``stream_id`` closed; False at the timeout."""
+        self._check_open()
+        return await self._wait(lambda: self._state.is_closed(stream_id), timeout, "wait_closed")
+
+    async def aclose(self) -> None:
+        """Close the sockets and stop the tasks."""
+        if not self._closed:
+            self._closed = True
+            if self._pending:
+                self._flush_pending()
+            await self._close_sockets()
+
+    async def __aenter__(self) -> AsyncProducer:
+        return await self.connect()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is None:
+                await self.flush(timeout=self.timeout)
+        finally:
+            await self.aclose()

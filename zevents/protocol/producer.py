@@ -1,0 +1,171 @@
+"""ProducerState: a producer's flow control and bookkeeping, sans I/O.
+
+Flow control is a credit window per stream: a producer may have at most
+``window`` events per stream that the broker has not answered (acked or
+nacked).  The broker answers an event once it is in the stream's buffer (or
+dropped, or refused), and under BLOCK a full stream holds events back until
+subscribers acknowledge, so a stalled stream stalls only the producers
+writing to it, by exactly ``window`` events, and the broker holds a bounded
+amount for it.  The events not yet answered are kept here, as encoded bytes,
+so they can be sent again if the broker restarts.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import (
+    StreamClosedError,
+    StreamFullError,
+    ZEventsError,
+    error_from_wire,
+)
+from . import frames
+
+__all__ = ["ProducerState", "StreamClosed"]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamClosed:
+    """The broker says ``stream_id`` was closed after ``last_seq`` (stop generating)."""
+
+    stream_id: str
+    last_seq: int
+
+
+@dataclass(slots=True)
+class _Outbound:
+    topic: bytes
+    next_pseq: int = 1
+    unacked: deque[tuple[int, bytes]] = field(default_factory=deque)
+    closed: bool = False
+    error: ZEventsError | None = None  # raised by the next send or flush
+
+
+class ProducerState:
+    """Per-stream pseq counters, windows, unanswered events and pending errors."""
+
+    def __init__(self, client_id: bytes, window: int = 256) -> None:
+        self.client_id = client_id
+        self.window = window
+        self._streams: dict[str, _Outbound] = {}
+
+    def _get(self, stream_id: str) -> _Outbound:
+        out = self._streams.get(stream_id)
+        if out is None:
+            out = self._streams[stream_id] = _Outbound(frames.topic(stream_id))
+        return out
+
+    # -- sending ----------------------------------------------------------------
+
+    def check(self, stream_id: str) -> None:
+        """Raise what the broker told us about ``stream_id``: closed (every time),
+        or a drop or refusal (once)."""
+        out = self._streams.get(stream_id)
+        if out is None:
+            return
+        if out.closed:
+            raise StreamClosedError(stream_id, "send")
+        if out.error is not None:
+            err, out.error = out.error, None
+            raise err
+
+    def room(self, stream_id: str) -> int:
+        """How many more events may go to ``stream_id`` before answers come back."""
+        out = self._streams.get(stream_id)
+        return self.window if out is None else self.window - len(out.unacked)
+
+    def encode(self, stream_id: str, events: list[bytes]) -> bytes:
+        """An ingest frame for ``events`` (the caller checked :meth:`room`)."""
+        out = self._get(stream_id)
+        first = out.next_pseq
+        unacked = out.unacked
+        for i, raw in enumerate(events):
+            unacked.append((first + i, raw))
+        out.next_pseq = first + len(events)
+        return frames.encode_ingest(out.topic, self.client_id, first, b"".join(events))
+
+    def unanswered(self, stream_id: str | None = None) -> int:
+        """Events sent but not yet answered (on one stream, or on all)."""
+        if stream_id is not None:
+            out = self._streams.get(stream_id)
+            return 0 if out is None else len(out.unacked)
+        return sum(len(o.unacked) for o in self._streams.values())
+
+    def resend(self) -> list[bytes]:
+        """Frames carrying every unanswered event again (after a broker restart).
+
+        A broker that remembers this producer (``--data-dir``) drops the ones it
+        already has; a fresh one takes them as new.
+        """
+        out_frames = []
+        for out in self._streams.values():
+            if out.unacked and not out.closed:
+                first = out.unacked[0][0]
+                if all(p == first + i for i, (p, _) in enumerate(out.unacked)):
+                    raws = b"".join(raw for _, raw in out.unacked)
+                    out_frames.append(frames.encode_ingest(out.topic, self.client_id, first, raws))
+                else:  # holes left by nacks: one frame per event keeps the pseqs right
+                    for p, raw in out.unacked:
+                        out_frames.append(frames.encode_ingest(out.topic, self.client_id, p, raw))
+        return out_frames
+
+    # -- answers from the broker ----------------------------------------------------
+
+    def on_message(self, msg: list[Any]) -> list[StreamClosed]:
+        """Take an ``ack``, ``nack``, ``dropped`` or ``closed`` message; closures to report."""
+        kind = msg[0]
+        if kind == "ack":
+            self._on_ack(msg[2] if len(msg) > 2 else [])
+        elif kind == "nack" and len(msg) >= 7:
+            self._on_nack(msg)
+        elif kind == "dropped" and len(msg) >= 4:
+            out = self._streams.get(msg[1])
+            if out is not None:
+                prior = out.error.dropped if isinstance(out.error, StreamFullError) else 0
+                out.error = StreamFullError(msg[1], int(msg[3]), dropped=prior + int(msg[2]))
+        elif kind == "closed" and len(msg) >= 3:
+            return self._on_closed(msg[1], int(msg[2]))
+        return []
+
+    def _on_ack(self, flat: Iterable[Any]) -> None:
+        it = iter(flat)
+        for sid, through in zip(it, it):  # noqa: B905  (pairs of a flat list)
+            out = self._streams.get(sid)
+            if out is None:
+                continue
+            unacked = out.unacked
+            while unacked and unacked[0][0] <= through:
+                unacked.popleft()
+
+    def _on_nack(self, msg: list[Any]) -> None:
+        _, sid, first, last, code, text, fields = msg[:7]
+        out = self._streams.get(sid)
+        if out is None:
+            return
+        out.unacked = deque((p, raw) for p, raw in out.unacked if not first <= p <= last)
+        err = error_from_wire(code, text, fields if isinstance(fields, dict) else {})
+        if isinstance(err, StreamClosedError):
+            out.closed = True
+        else:
+            out.error = err
+
+    def _on_closed(self, sid: str, last_seq: int) -> list[StreamClosed]:
+        out = self._get(sid)
+        if out.closed:
+            return []
+        out.closed = True
+        out.unacked.clear()
+        return [StreamClosed(sid, last_seq)]
+
+    def is_closed(self, stream_id: str) -> bool:
+        """Whether the broker told us ``stream_id`` is closed."""
+        out = self._streams.get(stream_id)
+        return out is not None and out.closed
+
+    def forget(self, stream_id: str) -> None:
+        """Drop our state for ``stream_id`` (a new stream of that name starts afresh)."""
+        self._streams.pop(stream_id, None)

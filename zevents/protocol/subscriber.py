@@ -1,0 +1,316 @@
+"""SubscriberState: one subscriber connection's streams, in order, sans I/O.
+
+Events reach a subscriber two ways: live on the publish socket and, on
+request, as replies on the control socket (the replay when it subscribes, and
+fetches).  Each stream has a cursor that delivers every seq exactly once, in
+order, whichever way it came:
+
+* a batch that starts at or before ``next_seq`` is delivered from ``next_seq``
+  (what came before is a duplicate);
+* a batch that starts after it is held in ``ahead`` and the missing range is
+  fetched; a gap is noticed from a later batch, from the stream's end marker,
+  or from the head the broker reports in heartbeats;
+* delivered events wait in ``ready`` until the application takes them;
+  taking them is what is acknowledged, so a slow application slows the
+  producer (BLOCK) rather than growing memory.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ZEventsError
+from ..events import _BY_NAME, Event
+from . import frames
+
+__all__ = ["Cursor", "Fetch", "SubscriberState"]
+
+#: How long a broker-reported head may stay ahead of us before we fetch (seconds).
+GAP_GRACE = 0.5
+#: Live batches held while a gap is being filled, per stream.
+MAX_AHEAD = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Ask the broker for events of ``stream_id`` from ``from_seq`` on."""
+
+    stream_id: str
+    from_seq: int
+
+
+@dataclass(slots=True)
+class Cursor:
+    """One followed stream."""
+
+    stream_id: str
+    next_seq: int = 1  # the next seq to deliver
+    head: int = 0  # the highest seq known to exist
+    end_seq: int | None = None  # last seq, once the stream is known closed
+    active: bool = False  # the subscribe reply has arrived
+    fetching: bool = True  # a subscribe or fetch is in flight
+    ahead: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    ready: deque[Event] = field(default_factory=deque)
+    taken: int = 0  # seq of the last event the application took
+    acked: int = 0  # seq of the last ack sent
+    error: ZEventsError | None = None
+    buffer_size: int = 100
+    reported: tuple[int, float] | None = None  # (head from a heartbeat, when)
+
+    @property
+    def finished(self) -> bool:
+        """True once every event up to the end was taken, or an error awaits."""
+        if self.ready:
+            return False
+        if self.error is not None:
+            return True
+        return self.end_seq is not None and self.next_seq > self.end_seq
+
+
+class SubscriberState:
+    """Cursors by stream ID, plus what to fetch and what to acknowledge."""
+
+    def __init__(self, ack_interval: float = 0.02) -> None:
+        self.cursors: dict[str, Cursor] = {}
+        self.ack_interval = ack_interval
+        self._last_ack = 0.0
+        self._fetches: list[Fetch] = []
+        self.order: deque[Cursor] = deque()  # cursors that may have ready events
+        self._unacked: dict[str, Cursor] = {}  # cursors with taken > acked
+
+    # -- subscribing ------------------------------------------------------------------
+
+    def add(self, stream_id: str) -> Cursor:
+        """Start following ``stream_id`` (its subscribe request is about to go)."""
+        cursor = self.cursors.get(stream_id)
+        if cursor is None or cursor.finished:
+            cursor = self.cursors[stream_id] = Cursor(stream_id)
+        cursor.fetching = True
+        return cursor
+
+    def remove(self, stream_id: str) -> None:
+        """Stop following ``stream_id``."""
+        self.cursors.pop(stream_id, None)
+
+    def on_replay(self, result: dict[str, Any], subscribed: bool = False) -> None:
+        """Take the reply to a subscribe (``subscribed``) or a fetch."""
+        cursor = self.cursors.get(result["stream"])
+        if cursor is None:
+            return
+        cursor.fetching = False
+        first = int(result["first_seq"])
+        if subscribed:
+            cursor.active = True
+            cursor.buffer_size = int(result.get("buffer_size", 100))
+            if not cursor.taken and not cursor.ready and first > cursor.next_seq:
+                cursor.next_seq = first  # resumed at from_seq (or the oldest buffered)
+            cursor.taken = max(cursor.taken, first - 1)
+            cursor.acked = max(cursor.acked, first - 1)
+        last = int(result["last_seq"])
+        if result.get("closed"):
+            cursor.end_seq = last
+        self._raise_head(cursor, last)
+        if result.get("count"):
+            self._batch(cursor, first, frames.split_events(result["events"]))
+        else:
+            self._drain_ahead(cursor)
+        self._need(cursor)
+
+    def on_error(self, stream_id: str, error: ZEventsError) -> None:
+        """A subscribe or fetch for ``stream_id`` failed: the stream ends with ``error``."""
+        cursor = self.cursors.get(stream_id)
+        if cursor is not None:
+            cursor.fetching = False
+            cursor.error = error
+            self._wake(cursor)
+
+    # -- live traffic -------------------------------------------------------------------
+
+    def on_publish(self, frame: bytes) -> None:
+        """Take one frame from the SUB socket."""
+        stream_id, kind, seq, start = frames.decode_publish(frame)
+        cursor = self.cursors.get(stream_id)
+        if cursor is None or cursor.error is not None:
+            return
+        if kind == frames.KIND_END:
+            cursor.end_seq = seq
+            self._raise_head(cursor, seq)
+            self._need(cursor)
+            self._wake(cursor)
+            return
+        if seq + cursor.buffer_size * 4 < cursor.next_seq:
+            return  # far behind us: a duplicate, not worth decoding
+        events = frames.split_events(memoryview(frame)[start:])
+        self._raise_head(cursor, seq + len(events) - 1)
+        self._batch(cursor, seq, events)
+        self._need(cursor)
+
+    def on_heads(self, heads: list[Any], now: float) -> None:
+        """Take the lagging heads a heartbeat reply reports: ``[stream, last_seq, closed]``."""
+        for entry in heads:
+            try:
+                sid, last, closed = entry
+            except (TypeError, ValueError):
+                continue
+            cursor = self.cursors.get(sid)
+            if cursor is None or not cursor.active:
+                continue
+            if closed and cursor.end_seq is None and cursor.next_seq > last:
+                cursor.end_seq = last  # we have it all; only the end marker was lost
+                self._wake(cursor)
+            elif cursor.next_seq <= last and cursor.reported is None:
+                cursor.reported = (last, now)
+
+    def _batch(self, cursor: Cursor, first: int, events: list[dict[str, Any]]) -> None:
+        if not events or not cursor.active:
+            if events and not cursor.active and len(cursor.ahead) < MAX_AHEAD:
+                cursor.ahead[first] = events  # live before the subscribe reply: hold
+            return
+        if first > cursor.next_seq:
+            if len(cursor.ahead) < MAX_AHEAD:
+                cursor.ahead[first] = events
+            return
+        self._deliver(cursor, first, events)
+        self._drain_ahead(cursor)
+
+    def _drain_ahead(self, cursor: Cursor) -> None:
+        while cursor.ahead:
+            nxt = min(cursor.ahead)
+            if nxt > cursor.next_seq:
+                break
+            self._deliver(cursor, nxt, cursor.ahead.pop(nxt))
+
+    def _deliver(self, cursor: Cursor, first: int, events: list[dict[str, Any]]) -> None:
+        skip = cursor.next_seq - first
+        if skip >= len(events):
+            return
+        sid = cursor.stream_id
+        ready = cursor.ready
+        seq = cursor.next_seq
+        for obj in events[skip:] if skip else events:
+            ready.append(
+                Event(
+                    _BY_NAME[obj["type"]],
+                    obj["data"],
+                    obj["timestamp"].to_datetime(),
+                    seq=seq,
+                    stream_id=sid,
+                )
+            )
+            seq += 1
+        cursor.next_seq = seq
+        if cursor.reported is not None and seq > cursor.reported[0]:
+            cursor.reported = None
+        self._wake(cursor)
+
+    def _wake(self, cursor: Cursor) -> None:
+        self.order.append(cursor)
+
+    @staticmethod
+    def _raise_head(cursor: Cursor, seq: int) -> None:
+        if seq > cursor.head:
+            cursor.head = seq
+
+    def _need(self, cursor: Cursor) -> None:
+        """Fetch if something we know exists has not arrived and nothing is on its way."""
+        if not cursor.active or cursor.fetching or cursor.error is not None:
+            return
+        if cursor.next_seq <= cursor.head:
+            cursor.fetching = True
+            self._fetches.append(Fetch(cursor.stream_id, cursor.next_seq))
+
+    # -- timers ----------------------------------------------------------------------
+
+    def on_tick(self, now: float) -> None:
+        """Turn heads reported long enough ago (and still not reached) into fetches."""
+        for cursor in self.cursors.values():
+            rep = cursor.reported
+            if rep is not None and now - rep[1] >= GAP_GRACE:
+                cursor.reported = None
+                if cursor.next_seq <= rep[0]:
+                    self._raise_head(cursor, rep[0])
+                    self._need(cursor)
+
+    def take_fetches(self) -> list[Fetch]:
+        """Fetches to send now."""
+        out, self._fetches = self._fetches, []
+        return out
+
+    # -- the application's side ---------------------------------------------------------
+
+    def next_event(self, stream_id: str | None = None) -> Event | None:
+        """The next event for the application (from one stream, or any); None if none.
+
+        Raises a stream's error once its events before the error are taken.
+        """
+        if stream_id is not None:
+            cursor = self.cursors.get(stream_id)
+            return None if cursor is None else self._take(cursor)
+        order = self.order
+        while order:
+            cursor = order[0]
+            if self.cursors.get(cursor.stream_id) is not cursor:
+                order.popleft()
+                continue
+            event = self._take(cursor)
+            if event is not None:
+                return event
+            order.popleft()
+        return None
+
+    def _take(self, cursor: Cursor) -> Event | None:
+        if cursor.ready:
+            event = cursor.ready.popleft()
+            cursor.taken = event.seq or cursor.taken
+            self._unacked[cursor.stream_id] = cursor
+            return event
+        if cursor.error is not None:
+            err, cursor.error = cursor.error, None
+            cursor.end_seq = cursor.next_seq - 1
+            raise err
+        return None
+
+    def has_event(self, stream_id: str | None = None) -> bool:
+        """Whether :meth:`next_event` would return (or raise) at once."""
+        if stream_id is not None:
+            cursor = self.cursors.get(stream_id)
+            return cursor is not None and (bool(cursor.ready) or cursor.error is not None)
+        order = self.order
+        while order and not order[0].ready and order[0].error is None:
+            order.popleft()
+        return bool(order)
+
+    def finished(self, stream_id: str | None = None) -> bool:
+        """Whether one stream (or every followed stream) has ended and been drained."""
+        if stream_id is not None:
+            cursor = self.cursors.get(stream_id)
+            return cursor is None or cursor.finished
+        return all(c.finished for c in self.cursors.values())
+
+    def acks(self, now: float, idle: bool) -> list[Any]:
+        """``[stream, seq, ...]`` to acknowledge now, or ``[]``.
+
+        Acks go when the application is about to wait (``idle``), when half a
+        buffer was taken since the last ack, or every ``ack_interval``.
+        """
+        due = idle or now - self._last_ack >= self.ack_interval
+        flat: list[Any] = []
+        unacked = self._unacked
+        for sid, cursor in list(unacked.items()):
+            taken = cursor.taken
+            if taken <= cursor.acked:
+                del unacked[sid]
+            elif due or taken - cursor.acked >= cursor.buffer_size // 2:
+                flat.append(sid)
+                flat.append(taken)
+                cursor.acked = taken
+                del unacked[sid]
+        if flat:
+            self._last_ack = now
+        return flat
+
+    def resume_points(self) -> dict[str, int]:
+        """Where each unfinished stream resumes after a reconnect: its next seq."""
+        return {sid: c.next_seq for sid, c in self.cursors.items() if not c.finished}
