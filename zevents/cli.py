@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
+import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import click
 
-from .events import Event, EventType
-from .stream import EventStream
+from .errors import BrokerUnavailableError, ZEventsError
+from .events import Event, EventType, format_timestamp, utc_now
+from .stream import BackpressurePolicy
 
 SCRIPTED_ANSWER = (
     "ZeroMQ ",
@@ -63,6 +70,42 @@ def render(event: Event) -> str:
     return ""  # content block boundaries are structure, not text
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _friendly(fn: F) -> F:
+    """Turn library errors into one clear line on stderr and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BrokerUnavailableError as exc:
+            click.echo(f"zevents: {exc}", err=True)
+            sys.exit(3)
+        except (ZEventsError, TimeoutError) as exc:
+            click.echo(f"zevents: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+_broker_option = click.option(
+    "--broker",
+    envvar="ZEVENTS_BROKER",
+    default="tcp://127.0.0.1:5555",
+    show_default=True,
+    help="The broker's control endpoint (env ZEVENTS_BROKER).",
+)
+_timeout_option = click.option(
+    "--timeout",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for the broker to answer.",
+)
+
+
 @click.group()
 @click.version_option(package_name="zevents")
 def cli() -> None:
@@ -70,20 +113,306 @@ def cli() -> None:
 
 
 @cli.command()
-def demo() -> None:
-    """Stream a scripted LLM answer through an EventStream and print it."""
-    stream = EventStream(buffer_size=4)
+@click.option(
+    "--control",
+    envvar="ZEVENTS_CONTROL",
+    default="tcp://127.0.0.1:5555",
+    show_default=True,
+    help="Control (ROUTER) endpoint (env ZEVENTS_CONTROL).",
+)
+@click.option(
+    "--ingest",
+    envvar="ZEVENTS_INGEST",
+    default="tcp://127.0.0.1:5556",
+    show_default=True,
+    help="Ingest (PULL) endpoint (env ZEVENTS_INGEST).",
+)
+@click.option(
+    "--publish",
+    envvar="ZEVENTS_PUBLISH",
+    default="tcp://127.0.0.1:5557",
+    show_default=True,
+    help="Publish (XPUB) endpoint (env ZEVENTS_PUBLISH).",
+)
+@click.option(
+    "--buffer-size",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Default per-stream buffer size.",
+)
+@click.option(
+    "--policy",
+    type=click.Choice(["block", "drop"]),
+    default="block",
+    show_default=True,
+    help="Default per-stream backpressure policy.",
+)
+@click.option(
+    "--idle-timeout",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Close streams idle this long; remove closed ones idle this long (0: never).",
+)
+@click.option(
+    "--subscriber-timeout",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="A silent client stops gating stream buffers after this many seconds.",
+)
+@click.option("--require-create", is_flag=True, help="Refuse events for streams not created first.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def broker(
+    control: str,
+    ingest: str,
+    publish: str,
+    buffer_size: int,
+    policy: str,
+    idle_timeout: float,
+    subscriber_timeout: float,
+    require_create: bool,
+    log_level: str,
+) -> None:
+    """Run the broker in the foreground until SIGINT or SIGTERM."""
+    import zmq
 
-    def produce() -> None:
-        with stream:
-            for event in scripted_events():
-                stream.send(event, timeout=10)
+    from broker.config import BrokerConfig
+    from broker.server import Broker
 
-    worker = threading.Thread(target=produce, daemon=True)
-    worker.start()
-    for event in stream:
-        click.echo(render(event), nl=False)
-    worker.join(timeout=10)
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = BrokerConfig(
+        control=control,
+        ingest=ingest,
+        publish=publish,
+        buffer_size=buffer_size,
+        policy=BackpressurePolicy.parse(policy),
+        idle_timeout=idle_timeout,
+        subscriber_timeout=subscriber_timeout,
+        require_create=require_create,
+    )
+    try:
+        server = Broker(config)
+    except zmq.ZMQError as exc:
+        raise click.ClickException(f"cannot bind: {exc}") from exc
+
+    def stop(signum: int, frame: object) -> None:
+        server.stop()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    server.run()
+
+
+def _read_events(lines: Iterator[str]) -> Iterator[tuple[int, Event | str]]:
+    """Events from JSON lines (``timestamp`` optional); a bad line yields its error."""
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+            if isinstance(obj, dict) and "timestamp" not in obj:
+                obj["timestamp"] = format_timestamp(utc_now())
+            yield n, Event.from_dict(obj)
+        except ValueError as exc:  # JSON errors and InvalidEventError alike
+            yield n, str(exc)
+
+
+@cli.command()
+@click.argument("stream")
+@click.option("--text", multiple=True, help="Send this text delta (repeatable) instead of stdin.")
+@click.option("--close", "close_after", is_flag=True, help="Close the stream once sent.")
+@_broker_option
+@_timeout_option
+@_friendly
+def send(
+    stream: str, text: tuple[str, ...], close_after: bool, broker: str, timeout: float
+) -> None:
+    """Send events to STREAM: JSON lines on stdin, or --text.
+
+    Each line is an event in its JSON form, e.g.
+    {"type": "TextDelta", "data": {"text": "Hi"}}; exits 0 once the broker
+    acknowledged every event.
+    """
+    from .client import Admin, Producer
+
+    bad = 0
+    sent = 0
+    with Producer(broker, timeout=timeout) as producer:
+        if text:
+            source: Iterator[tuple[int, Event | str]] = (
+                (i, Event.text_delta(t)) for i, t in enumerate(text, 1)
+            )
+        else:
+            source = _read_events(iter(sys.stdin))
+        for n, item in source:
+            if isinstance(item, str):
+                click.echo(f"zevents: line {n}: {item}", err=True)
+                bad += 1
+                continue
+            producer.send(stream, item, timeout=timeout * 12)
+            sent += 1
+        producer.flush(timeout=timeout * 12)
+    if close_after:
+        with Admin(broker, timeout=timeout) as admin:
+            admin.close_stream(stream)
+    if bad:
+        click.echo(f"zevents: {bad} bad line(s) skipped, {sent} event(s) sent", err=True)
+        sys.exit(1)
+
+
+def _json_line(event: Event) -> str:
+    return json.dumps(
+        {
+            "stream": event.stream_id,
+            "seq": event.seq,
+            "type": str(event.type),
+            "data": event.data,
+            "timestamp": format_timestamp(event.timestamp),
+        },
+        separators=(",", ":"),
+    )
+
+
+@cli.command()
+@click.argument("stream")
+@click.option(
+    "--from-seq",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Start at this seq (default: the oldest event still buffered).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
+@click.option("--wait", is_flag=True, help="Create the stream if it does not exist yet.")
+@_broker_option
+@_timeout_option
+@_friendly
+def tail(
+    stream: str, from_seq: int | None, as_json: bool, wait: bool, broker: str, timeout: float
+) -> None:
+    """Follow STREAM until it closes (like tail -f)."""
+    from .client import Subscriber
+
+    with Subscriber(broker, timeout=timeout) as sub:
+        for event in sub.subscribe(stream, from_seq, create=wait):
+            if as_json:
+                click.echo(_json_line(event))
+            else:
+                click.echo(render(event), nl=False)
+                sys.stdout.flush()
+
+
+@cli.command()
+@_broker_option
+@_timeout_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per stream.")
+@_friendly
+def streams(broker: str, timeout: float, as_json: bool) -> None:
+    """List the broker's streams."""
+    from .client import Admin
+
+    with Admin(broker, timeout=timeout) as admin:
+        infos = admin.list_stream_info()
+    if as_json:
+        for info in infos:
+            click.echo(json.dumps(info.to_wire()))
+        return
+    head = f"{'STREAM':<32} {'POLICY':<6} {'LOAD':>11} {'SEQS':>17} {'SUBS':>4} {'STATE':<6} IDLE"
+    click.echo(head)
+    for i in infos:
+        seqs = f"{i.first_seq}..{i.last_seq}" if i.last_seq >= i.first_seq else "-"
+        state = "closed" if i.closed else "open"
+        click.echo(
+            f"{i.stream:<32} {i.policy:<6} {f'{i.current_load}/{i.buffer_size}':>11}"
+            f" {seqs:>17} {i.subscribers:>4} {state:<6} {i.idle:.1f}s"
+        )
+
+
+@cli.command()
+@_broker_option
+@_timeout_option
+@click.option("--json", "as_json", is_flag=True, help="Print the counters as JSON.")
+@_friendly
+def stats(broker: str, timeout: float, as_json: bool) -> None:
+    """Show the broker's counters."""
+    from .client import Admin
+
+    with Admin(broker, timeout=timeout) as admin:
+        st = admin.stats().to_wire()
+    if as_json:
+        click.echo(json.dumps(st))
+        return
+    for key, value in st.items():
+        click.echo(f"{key}: {value}")
+
+
+@cli.command()
+@click.argument("stream")
+@_broker_option
+@_timeout_option
+@_friendly
+def close(stream: str, broker: str, timeout: float) -> None:
+    """Close STREAM: followers get what is buffered, then the end."""
+    from .client import Admin
+
+    with Admin(broker, timeout=timeout) as admin:
+        info = admin.close_stream(stream)
+    click.echo(f"closed {stream} after seq {info.last_seq}")
+
+
+@cli.command()
+@click.option(
+    "--broker",
+    envvar="ZEVENTS_BROKER",
+    default=None,
+    help="Use this running broker instead of starting one in-process.",
+)
+@_timeout_option
+@_friendly
+def demo(broker: str | None, timeout: float) -> None:
+    """Stream a scripted LLM answer through a broker and follow it."""
+    from .client import Admin, Producer, Subscriber
+
+    server = None
+    if broker is None:
+        from broker.config import BrokerConfig
+        from broker.server import Broker
+
+        loopback = "tcp://127.0.0.1:0"
+        server = Broker(BrokerConfig(control=loopback, ingest=loopback, publish=loopback))
+        server.start()
+        broker = server.endpoints["control"]
+        click.echo(f"[broker] started in-process at {broker}")
+    stream_id = f"demo-{threading.get_ident() % 100000}"
+    try:
+        with Subscriber(broker, timeout=timeout) as sub:
+            following = sub.subscribe(stream_id, create=True)
+
+            def produce() -> None:
+                with Producer(broker, timeout=timeout) as producer:
+                    for event in scripted_events():
+                        producer.send(stream_id, event, timeout=timeout)
+                with Admin(broker, timeout=timeout) as admin:
+                    admin.close_stream(stream_id)
+
+            worker = threading.Thread(target=produce, daemon=True)
+            worker.start()
+            for event in following:
+                click.echo(render(event), nl=False)
+            worker.join(timeout=timeout)
+    finally:
+        if server is not None:
+            server.stop()
+            server.join(timeout=5)
 
 
 def main() -> None:
