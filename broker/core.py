@@ -519,6 +519,14 @@ class BrokerCore:
             if stream is None:
                 continue
             stream.last_activity = self._clients[client]
+            if client not in stream.cursors:
+                # A subscriber we had timed out is back: it gates the buffer again
+                # from what it acknowledged, if that is still buffered.
+                if seq < stream.base_seq - 1:
+                    continue
+                stream.add_cursor(client, min(seq, stream.last_seq) + 1)
+                self._subs.setdefault(client, set()).add(sid)
+                continue
             if stream.ack(client, seq) and stream.parked:
                 self._admit_parked(stream)
 

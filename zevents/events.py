@@ -275,7 +275,8 @@ class Event:
         return event
 
     def to_json(self) -> str:
-        """The event as compact JSON."""
+        """The event as compact JSON (validated first, like :meth:`to_msgpack`)."""
+        self.validate()
         try:
             return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as exc:
