@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import Enum
@@ -87,7 +88,11 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _check_value(value: Any, path: str) -> None:
+#: Deepest nesting of lists and dicts allowed in event data.
+MAX_DEPTH = 64
+
+
+def _check_value(value: Any, path: str, depth: int = 0) -> None:
     # Values must survive JSON and msgpack alike: no bytes, no NaN, no huge ints.
     t = type(value)
     if t is str or t is bool or value is None:
@@ -100,15 +105,17 @@ def _check_value(value: Any, path: str) -> None:
         if not math.isfinite(value):
             raise InvalidEventError(f"{path}: {value} is not JSON-compatible")
         return
+    if depth >= MAX_DEPTH and (t is dict or t is list):
+        raise InvalidEventError(f"{path}: nested deeper than {MAX_DEPTH} levels")
     if t is dict:
         for k, v in value.items():
             if type(k) is not str:
                 raise InvalidEventError(f"{path}: key {k!r} is not a str")
-            _check_value(v, f"{path}.{k}")
+            _check_value(v, f"{path}.{k}", depth + 1)
         return
     if t is list:
         for i, v in enumerate(value):
-            _check_value(v, f"{path}[{i}]")
+            _check_value(v, f"{path}[{i}]", depth + 1)
         return
     raise InvalidEventError(f"{path}: {t.__name__} is not JSON-compatible")
 
@@ -132,7 +139,8 @@ def _check_data(type_name: str, data: Any) -> None:
 
 
 def check_wire_event(obj: Any) -> None:
-    """Validate a decoded msgpack event map (timestamp decoded as :class:`msgpack.Timestamp`).
+    """Validate a decoded msgpack event map (decoded with ``timestamp=3``: the
+    timestamp extension becomes an aware UTC datetime, anything else stays what it is).
 
     This is the one check the broker runs on ingest; :meth:`Event.from_msgpack`
     runs it too, so both sides apply the same rules.
@@ -147,7 +155,7 @@ def check_wire_event(obj: Any) -> None:
         raise InvalidEventError(f"event map lacks {exc.args[0]!r}") from None
     if type(type_name) is not str or type_name not in _FIELDS:
         raise InvalidEventError(f"unknown event type {type_name!r}")
-    if type(ts) is not msgpack.Timestamp:
+    if type(ts) is not datetime:
         raise InvalidEventError("timestamp must be a msgpack timestamp (ext type -1)")
     _check_data(type_name, data)
 
@@ -270,6 +278,8 @@ class Event:
         ts = d["timestamp"]
         if isinstance(ts, str):
             ts = parse_timestamp(ts)
+        elif not isinstance(ts, datetime):
+            raise InvalidEventError(f"timestamp must be an RFC 3339 string, not {ts!r}")
         event = cls(EventType.parse(d["type"]), d["data"], ts)
         event.validate()
         return event
@@ -279,7 +289,7 @@ class Event:
         self.validate()
         try:
             return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidEventError(f"cannot encode as JSON: {exc}") from exc
 
     @classmethod
@@ -287,7 +297,7 @@ class Event:
         """Decode :meth:`to_json` output (str or UTF-8 bytes)."""
         try:
             d = json.loads(text)
-        except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError
+        except (ValueError, TypeError, RecursionError) as exc:  # incl. JSONDecodeError
             raise InvalidEventError(f"malformed JSON: {exc}") from exc
         return cls.from_dict(d)
 
@@ -297,13 +307,7 @@ class Event:
         """The event as a msgpack map (timestamp as the standard extension type -1)."""
         self.validate()
         try:
-            return _pack(
-                {
-                    "type": self.type.value,
-                    "data": self.data,
-                    "timestamp": msgpack.Timestamp.from_datetime(self.timestamp),
-                }
-            )
+            return _pack({"type": self.type.value, "data": self.data, "timestamp": self.timestamp})
         except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidEventError(f"cannot encode as msgpack: {exc}") from exc
 
@@ -316,18 +320,27 @@ class Event:
     @classmethod
     def _from_checked(cls, obj: dict[str, Any]) -> Event:
         # obj has passed check_wire_event: build without validating again.
-        return cls(_BY_NAME[obj["type"]], obj["data"], obj["timestamp"].to_datetime())
+        return cls(_BY_NAME[obj["type"]], obj["data"], obj["timestamp"])
+
+
+_local = threading.local()
 
 
 def _pack(obj: Any) -> bytes:
-    # packb builds a fresh Packer per call: a shared one is not thread-safe.
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+    # One Packer per thread: a Packer is not thread-safe, and building one per
+    # call costs more than the packing.  datetime=True writes aware datetimes as
+    # the timestamp extension (type -1) in C.
+    try:
+        packer = _local.packer
+    except AttributeError:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True, datetime=True)
+    return packer.pack(obj)  # type: ignore[no-any-return]
 
 
 def unpack_event(payload: bytes) -> dict[str, Any]:
     """Decode and check one msgpack event map; :class:`InvalidEventError` if malformed."""
     try:
-        obj = msgpack.unpackb(payload, raw=False, timestamp=0, strict_map_key=True)
+        obj = msgpack.unpackb(payload, raw=False, timestamp=3, strict_map_key=True)
     except Exception as exc:  # msgpack raises many kinds; all mean malformed input
         raise InvalidEventError(f"malformed msgpack: {exc}") from exc
     check_wire_event(obj)
@@ -341,7 +354,11 @@ _RFC3339 = re.compile(
 
 def format_timestamp(ts: datetime) -> str:
     """RFC 3339 in UTC with microseconds, e.g. ``2026-11-24T07:08:01.123456Z``."""
-    return ts.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    t = ts.astimezone(timezone.utc)
+    return (
+        f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
+        f".{t.microsecond:06d}Z"
+    )
 
 
 def parse_timestamp(text: str) -> datetime:
@@ -360,6 +377,6 @@ def parse_timestamp(text: str) -> datetime:
         ts = datetime(
             int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tz
         )
-    except ValueError as exc:
+        return ts.astimezone(timezone.utc)
+    except (ValueError, OverflowError) as exc:
         raise InvalidEventError(f"timestamp {text!r}: {exc}") from exc
-    return ts.astimezone(timezone.utc)

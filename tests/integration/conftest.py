@@ -51,7 +51,7 @@ class BrokerProcess:
             pattern = "listening: control="
             timeout = 30
             terminate_on_interrupt = True
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # noqa: RUF012
 
             @property
             def args(self) -> list[str]:  # type: ignore[override]

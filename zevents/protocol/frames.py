@@ -117,7 +117,7 @@ def iter_checked_events(
     tail that is not a whole msgpack object ends the iteration with one
     ``(tail, error)`` item.
     """
-    unpacker = msgpack.Unpacker(raw=False, timestamp=0, strict_map_key=True)
+    unpacker = msgpack.Unpacker(raw=False, timestamp=3, strict_map_key=True)
     unpacker.feed(memoryview(frame)[start:])
     pos = start
     end = len(frame)
@@ -176,7 +176,7 @@ def split_events(payload: bytes | memoryview) -> list[dict[str, Any]]:
     The broker has already validated them; a broken batch still raises
     :class:`InvalidEventError`, never a msgpack error.
     """
-    unpacker = msgpack.Unpacker(raw=False, timestamp=0, strict_map_key=True)
+    unpacker = msgpack.Unpacker(raw=False, timestamp=3, strict_map_key=True)
     unpacker.feed(payload)
     try:
         return list(unpacker)

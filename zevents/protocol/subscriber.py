@@ -194,7 +194,7 @@ class SubscriberState:
                 Event(
                     _BY_NAME[obj["type"]],
                     obj["data"],
-                    obj["timestamp"].to_datetime(),
+                    obj["timestamp"],
                     seq=seq,
                     stream_id=sid,
                 )
