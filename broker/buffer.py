@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from itertools import islice
 
 from zevents.errors import ReplayUnavailableError, StreamClosedError
@@ -39,6 +40,7 @@ class StreamBuffer:
         "_gate",
         "base_seq",
         "buffer_size",
+        "clock",
         "closed",
         "cursors",
         "dropped",
@@ -48,6 +50,7 @@ class StreamBuffer:
         "last_activity",
         "next_seq",
         "parked",
+        "parked_by",
         "policy",
         "producers",
         "rejected",
@@ -57,7 +60,14 @@ class StreamBuffer:
         "unpublished_seq",
     )
 
-    def __init__(self, stream_id: str, buffer_size: int, policy: BackpressurePolicy) -> None:
+    def __init__(
+        self,
+        stream_id: str,
+        buffer_size: int,
+        policy: BackpressurePolicy,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.clock = clock
         self.stream_id = stream_id
         self.topic = topic(stream_id)
         self.buffer_size = buffer_size
@@ -71,13 +81,14 @@ class StreamBuffer:
         self._gate = 0  # min(cursors.values()), kept current by _regate
         # BLOCK events waiting for room: (producer client ID, pseq, raw event).
         self.parked: deque[tuple[bytes, int, bytes]] = deque()
+        self.parked_by: dict[bytes, int] = {}  # producer client ID -> its parked events
         self.producers: dict[bytes, int] = {}  # producer client ID -> last pseq processed
         self.unpublished: list[bytes] = []  # admitted since the last publish
         self.unpublished_seq = 0  # seq of unpublished[0]
         self.events_in = 0
         self.dropped = 0
         self.rejected = 0
-        self.last_activity = time.monotonic()
+        self.last_activity = clock()
 
     # -- the ManagedStream protocol ---------------------------------------------
 
@@ -85,7 +96,7 @@ class StreamBuffer:
         return len(self.events)
 
     def touch(self) -> None:
-        self.last_activity = time.monotonic()
+        self.last_activity = self.clock()
 
     def close(self) -> None:
         """Mark closed: no more events are admitted; what is buffered stays readable."""
@@ -158,9 +169,12 @@ class StreamBuffer:
     def ack(self, client_id: bytes, seq: int) -> bool:
         """Move ``client_id``'s cursor to ``seq``; True if the gate moved."""
         current = self.cursors.get(client_id)
-        if current is None or seq <= current:
+        if current is None:
             return False
-        self.cursors[client_id] = min(seq, self.next_seq - 1)
+        seq = min(seq, self.next_seq - 1)  # nobody can have received more than exists
+        if seq <= current:
+            return False
+        self.cursors[client_id] = seq
         if current == self._gate:
             old = self._gate
             self._regate()
@@ -171,9 +185,26 @@ class StreamBuffer:
         self._gate = min(self.cursors.values()) if self.cursors else 0
 
     def lagging(self, client_id: bytes) -> bool:
-        """Whether ``client_id`` has not acknowledged everything (or the end)."""
+        """Whether ``client_id`` has not acknowledged everything (or has, of a closed
+        stream: it may not know the end; the SDK unsubscribes once it does)."""
         acked = self.cursors.get(client_id)
         return acked is not None and (acked < self.next_seq - 1 or self.closed)
+
+    def park(self, client_id: bytes, pseq: int, raw: bytes) -> None:
+        """Hold a BLOCK event until there is room."""
+        self.parked.append((client_id, pseq, raw))
+        self.parked_by[client_id] = self.parked_by.get(client_id, 0) + 1
+
+    def unpark(self) -> tuple[bytes, int, bytes]:
+        """The oldest held event."""
+        item = self.parked.popleft()
+        client = item[0]
+        left = self.parked_by[client] - 1
+        if left:
+            self.parked_by[client] = left
+        else:
+            del self.parked_by[client]
+        return item
 
     def slice(self, from_seq: int, limit: int) -> list[bytes]:
         """Up to ``limit`` buffered events starting at ``from_seq`` (checked available)."""

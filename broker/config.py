@@ -27,7 +27,7 @@ class BrokerConfig:
     heartbeat_interval: float = 1.0  #: what clients are told to heartbeat at
     require_create: bool = False  #: refuse events for streams nobody created
     window: int = 256  #: unacknowledged events a producer may have per stream
-    max_parked: int = 4096  #: BLOCK events waiting for room, per stream
+    max_parked: int = 65536  #: BLOCK events waiting for room, per stream (memory guard)
     max_message_size: int = 1 << 20  #: largest message accepted, bytes
     max_batch: int = 1024  #: events per publish frame or replay reply
     max_streams: int = 1_000_000  #: streams the broker holds at most
@@ -44,4 +44,6 @@ class BrokerConfig:
             "policy": str(self.policy),
             "require_create": self.require_create,
             "idle_timeout": self.idle_timeout,
+            # Memory only: a restarted broker has lost its streams (clients must not resume).
+            "durable": False,
         }

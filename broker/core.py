@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from zevents.errors import (
+    InvalidStreamIdError,
     LimitExceededError,
     ProtocolError,
     StreamClosedError,
@@ -47,6 +48,7 @@ log = logging.getLogger("zevents.broker")
 _LOG_EVERY = 10.0  # seconds between log lines for one kind of bad input
 _MARKER_TTL = 30.0  # seconds a subscription marker or pending subscribe is kept
 _MAX_HEADS = 512  # lagging streams reported in one heartbeat reply
+_LAPSE_TTL = 300.0  # seconds a timed-out subscriber may come back and gate again
 
 
 class BrokerCore:
@@ -68,10 +70,15 @@ class BrokerCore:
             "publish": eps.get("publish", config.publish),
         }
         self.streams: StreamManager[StreamBuffer] = StreamManager(
-            config.buffer_size, config.policy, factory=StreamBuffer
+            config.buffer_size,
+            config.policy,
+            factory=lambda sid, size, policy: StreamBuffer(sid, size, policy, clock),
+            clock=clock,
         )
         self._clients: dict[bytes, float] = {}  # client ID -> last heard (clock)
         self._subs: dict[bytes, set[str]] = {}  # client ID -> streams it has cursors on
+        # Timed-out subscribers: (when, streams); an ack from one re-registers its cursor.
+        self._lapsed: dict[bytes, tuple[float, set[str]]] = {}
         self._pending_subs: dict[bytes, tuple[bytes, int, dict[str, Any], float]] = {}
         self._markers: dict[bytes, float] = {}
         self._dirty: dict[str, StreamBuffer] = {}  # streams with unpublished events
@@ -161,8 +168,15 @@ class BrokerCore:
             return
         client = hdr.client_id
         sid = hdr.stream_id
+        if not 1 <= hdr.first_pseq <= MAX_PSEQ or hdr.body_start >= len(frame):
+            err: ZEventsError = ProtocolError(
+                f"stream {sid}: ingest frame needs 1 <= first_pseq <= 2**62 and at least one event"
+            )
+            self.bad_input("ingest", err)
+            self._reply_error(client, 0, err)
+            return
         if len(frame) > self.config.max_message_size:
-            err: ZEventsError = LimitExceededError(
+            err = LimitExceededError(
                 f"stream {sid}: ingest message of {len(frame)} bytes is over"
                 f" max_message_size {self.config.max_message_size}",
                 "max_message_size",
@@ -207,7 +221,8 @@ class BrokerCore:
         through = 0
         block = stream.policy is BackpressurePolicy.BLOCK
         parked = stream.parked
-        holding = bool(parked) and any(c == client for c, _, _ in parked)
+        holding = client in stream.parked_by
+        window = self.config.window
         dropped = 0
         for raw, err in frames.iter_checked_events(frame, hdr.body_start):
             if pseq <= last:  # a resend of something already dealt with
@@ -221,12 +236,13 @@ class BrokerCore:
                 stream.admit(raw)
             elif not block:
                 dropped += 1
-            elif len(parked) >= self.config.max_parked:
+            elif stream.parked_by.get(client, 0) >= window or len(parked) >= self.config.max_parked:
+                # Only a producer ignoring its window gets here: the SDK never does.
                 stream.rejected += 1
                 self._rejected += 1
-                self._nack(client, sid, pseq, pseq, _parked_full(stream))
+                self._nack(client, sid, pseq, pseq, _parked_full(stream, window))
             else:
-                parked.append((client, pseq, raw))
+                stream.park(client, pseq, raw)
                 holding = True
             if not holding:
                 through = pseq
@@ -266,12 +282,15 @@ class BrokerCore:
         count = sum(1 for _ in frames.iter_checked_events(frame, hdr.body_start))
         last = hdr.first_pseq + max(count, 1) - 1
         self._rejected += count
+        stream = self.streams.find(sid)
+        if stream is not None:
+            stream.rejected += count
         self._nack(client, sid, hdr.first_pseq, last, exc)
 
     def _admit_parked(self, stream: StreamBuffer) -> None:
         parked = stream.parked
         while parked and stream.has_room():
-            client, pseq, raw = parked.popleft()
+            client, pseq, raw = stream.unpark()
             stream.admit(raw)
             self._ack(client, stream.stream_id, pseq)
         if stream.unpublished:
@@ -327,6 +346,8 @@ class BrokerCore:
                 raise ProtocolError(f"{kind}: arguments must be a map")
             result = handler(client, req_id, args)
         except ZEventsError as exc:
+            if isinstance(exc, (ProtocolError, InvalidStreamIdError)):
+                self.bad_input("command", exc)
             self._reply_error(client, req_id, exc)
             return
         except (TypeError, ValueError, KeyError, OverflowError) as exc:
@@ -336,6 +357,12 @@ class BrokerCore:
             return
         if result is not _DEFERRED:
             self._send(client, "ok", req_id, result)
+
+    def reject_control(self, client: bytes, exc: ProtocolError) -> None:
+        """A control message from ``client`` that is not even a message (wrong frame count)."""
+        self._clients[client] = self.clock()
+        self.bad_input("control", exc)
+        self._reply_error(client, 0, exc)
 
     def _stream_arg(self, args: dict[str, Any]) -> str:
         sid = args.get("stream")
@@ -367,7 +394,7 @@ class BrokerCore:
 
     def _op_hello(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
         version = args.get("version")
-        if version != PROTOCOL_VERSION:
+        if type(version) is not int or version != PROTOCOL_VERSION:
             raise VersionMismatchError(
                 f"broker speaks protocol version {PROTOCOL_VERSION}, client asked for {version!r}"
             )
@@ -409,7 +436,7 @@ class BrokerCore:
         self._dirty.pop(stream.stream_id, None)
         sid = stream.stream_id
         while stream.parked:  # never admitted: their producers learn it was closed
-            client, pseq, _ = stream.parked.popleft()
+            client, pseq, _ = stream.unpark()
             stream.rejected += 1
             self._rejected += 1
             self._nack(client, sid, pseq, pseq, StreamClosedError(sid, "send"))
@@ -429,8 +456,8 @@ class BrokerCore:
         return [self._info(s) for _, s in sorted(self.streams, key=lambda kv: kv[0])]
 
     def _op_cleanup(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
-        threshold = args.get("threshold", 0)
-        if type(threshold) not in (int, float):
+        threshold = args.get("threshold")
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
             raise ProtocolError("threshold must be a number of seconds")
         return {"removed": self.cleanup(float(threshold))}
 
@@ -518,17 +545,26 @@ class BrokerCore:
             stream = find(sid)
             if stream is None:
                 continue
-            stream.last_activity = self._clients[client]
+            stream.touch()
             if client not in stream.cursors:
-                # A subscriber we had timed out is back: it gates the buffer again
-                # from what it acknowledged, if that is still buffered.
-                if seq < stream.base_seq - 1:
-                    continue
-                stream.add_cursor(client, min(seq, stream.last_seq) + 1)
-                self._subs.setdefault(client, set()).add(sid)
+                self._relapse(client, stream, seq)
                 continue
             if stream.ack(client, seq) and stream.parked:
                 self._admit_parked(stream)
+
+    def _relapse(self, client: bytes, stream: StreamBuffer, seq: int) -> None:
+        """A subscriber we had timed out acks again: it gates the buffer again from
+        what it acknowledged, if that is still buffered.  (An ack for a stream the
+        client unsubscribed from is just late, and ignored.)"""
+        lapsed = self._lapsed.get(client)
+        sid = stream.stream_id
+        if lapsed is None or sid not in lapsed[1] or seq < stream.base_seq - 1:
+            return
+        lapsed[1].discard(sid)
+        if not lapsed[1]:
+            del self._lapsed[client]
+        stream.add_cursor(client, min(seq, stream.last_seq) + 1)
+        self._subs.setdefault(client, set()).add(sid)
 
     def _heads(self, client: bytes) -> list[list[Any]]:
         heads: list[list[Any]] = []
@@ -552,6 +588,9 @@ class BrokerCore:
         stale = now - _MARKER_TTL
         for token in [t for t, seen in self._markers.items() if seen < stale]:
             del self._markers[token]
+        lapse_end = now - _LAPSE_TTL
+        for client in [c for c, (when, _) in self._lapsed.items() if when < lapse_end]:
+            del self._lapsed[client]
         for token, (client, req_id, args, seen) in list(self._pending_subs.items()):
             if seen < stale:
                 del self._pending_subs[token]
@@ -565,10 +604,13 @@ class BrokerCore:
     def forget_client(self, client: bytes) -> None:
         """A client went silent: it stops gating every stream it subscribed to."""
         self._clients.pop(client, None)
-        for sid in self._subs.pop(client, set()):
+        sids = self._subs.pop(client, set())
+        for sid in sids:
             stream = self.streams.find(sid)
             if stream is not None:
                 self._drop_cursor(client, stream)
+        if sids:
+            self._lapsed[client] = (self.clock(), sids)
 
     def _expire_idle(self, threshold: float) -> None:
         for sid in self.streams.inactive(threshold):
@@ -630,13 +672,18 @@ class BrokerCore:
         )
 
 
-def _parked_full(stream: StreamBuffer) -> StreamFullError:
+def _parked_full(stream: StreamBuffer, window: int) -> StreamFullError:
     return StreamFullError(
         stream.stream_id,
         stream.buffer_size,
         "send",
-        f"buffer full (size {stream.buffer_size}) and too many events waiting for room",
+        f"buffer full (size {stream.buffer_size}) and over the window of {window} events"
+        " waiting for room",
     )
+
+
+#: Highest first pseq an ingest frame may carry: leaves room for any batch below 2**64.
+MAX_PSEQ = 2**62
 
 
 _DEFERRED = object()  # a handler that replies later (subscribe waits for its marker)

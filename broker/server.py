@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 import zmq
 
+from zevents.errors import ProtocolError
+
 from .config import BrokerConfig
 from .core import BrokerCore
 
@@ -138,7 +140,9 @@ class Broker:
                     if len(parts) == 2:
                         core.on_control(parts[0], parts[1])
                     else:
-                        core.bad_input("control", ValueError(f"{len(parts)} frames, expected 1"))
+                        core.reject_control(
+                            parts[0], ProtocolError(f"{len(parts) - 1} frames, expected 1")
+                        )
             if ingest in ready:
                 recv = ingest.recv
                 on_ingest = core.on_ingest

@@ -26,7 +26,7 @@ __all__ = ["ManagedStream", "StreamInfo", "StreamManager"]
 class ManagedStream(Protocol):
     """What the manager needs of a stream."""
 
-    last_activity: float  # time.monotonic() of the last activity
+    last_activity: float  # the manager's clock (time.monotonic) at the last activity
 
     @property
     def buffer_size(self) -> int: ...
@@ -61,9 +61,9 @@ def _seconds(threshold: float | timedelta) -> float:
     return float(threshold)
 
 
-def _wall_time(monotonic_ts: float) -> datetime:
-    # Activity is timed on the monotonic clock (immune to clock jumps) and shown as wall time.
-    return datetime.now(timezone.utc) - timedelta(seconds=time.monotonic() - monotonic_ts)
+def _wall_time(ts: float, clock: Callable[[], float]) -> datetime:
+    # Activity is timed on a monotonic clock (immune to clock jumps) and shown as wall time.
+    return datetime.now(timezone.utc) - timedelta(seconds=clock() - ts)
 
 
 class StreamManager(Generic[S]):
@@ -89,6 +89,7 @@ class StreamManager(Generic[S]):
         policy: BackpressurePolicy = BackpressurePolicy.BLOCK,
         *,
         factory: Callable[[str, int, BackpressurePolicy], S],
+        clock: Callable[[], float] = ...,
     ) -> None: ...
 
     def __init__(
@@ -97,7 +98,9 @@ class StreamManager(Generic[S]):
         policy: BackpressurePolicy = BackpressurePolicy.BLOCK,
         *,
         factory: Callable[[str, int, BackpressurePolicy], Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.clock = clock  # the clock streams' last_activity is read on
         self.buffer_size = buffer_size if buffer_size > 0 else DEFAULT_BUFFER_SIZE
         self.policy = BackpressurePolicy.parse(policy)
         self._factory: Callable[[str, int, BackpressurePolicy], Any] = (
@@ -191,7 +194,7 @@ class StreamManager(Generic[S]):
         seconds = _seconds(threshold)
         if seconds <= 0:
             return []
-        cutoff = time.monotonic() - seconds
+        cutoff = self.clock() - seconds
         with self._lock:
             return [sid for sid, s in self._streams.items() if s.last_activity < cutoff]
 
@@ -236,13 +239,13 @@ class StreamManager(Generic[S]):
         stream = self._streams.get(stream_id)
         if stream is None:
             raise StreamNotFoundError(stream_id)
-        return _info(stream_id, stream)
+        return _info(stream_id, stream, self.clock)
 
     def list_stream_info(self) -> list[StreamInfo]:
         """:class:`StreamInfo` of every stream, sorted by ID."""
         with self._lock:
             items = sorted(self._streams.items())
-        return [_info(sid, s) for sid, s in items]
+        return [_info(sid, s, self.clock) for sid, s in items]
 
     def __enter__(self) -> StreamManager[S]:
         return self
@@ -260,13 +263,13 @@ def _event_stream(stream_id: str, buffer_size: int, policy: BackpressurePolicy) 
     return EventStream(buffer_size, policy, stream_id=stream_id)
 
 
-def _info(stream_id: str, stream: ManagedStream) -> StreamInfo:
+def _info(stream_id: str, stream: ManagedStream, clock: Callable[[], float]) -> StreamInfo:
     return StreamInfo(
         id=stream_id,
         buffer_size=stream.buffer_size,
         current_load=len(stream),
         is_closed=stream.closed,
-        last_activity=_wall_time(stream.last_activity),
+        last_activity=_wall_time(stream.last_activity, clock),
     )
 
 

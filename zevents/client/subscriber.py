@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from ..errors import ProtocolError, ZEventsError
+from ..errors import ProtocolError, StreamNotFoundError, ZEventsError
 from ..events import Event
 from ..ids import validate_stream_id
 from ..protocol import frames
@@ -78,6 +78,8 @@ class _SubscriberLogic(_ClientBase):
         elif kind == "resubscribe":
             self._end_marker(sid, tag[2])
             self._take_replay(sid, reply, subscribed=True)
+        elif kind == "unsubscribed":
+            pass  # nothing waits for it; a stream already gone is fine too
         else:
             super()._on_reply(reply)
 
@@ -95,10 +97,23 @@ class _SubscriberLogic(_ClientBase):
             self._state.on_heads(msg[2], time.monotonic())
 
     def _on_reconnected(self) -> None:
-        # A new broker process: follow every unfinished stream again from where we are.
+        # A new broker process.  One that keeps its streams lets us resume where we
+        # are; a memory-only one lost them, and must not pass its new stream of the
+        # same name (numbered from 1 again) off as the rest of ours.
+        durable = bool(self.handshake.limits.get("durable"))
         for sid, next_seq in self._state.resume_points().items():
-            cursor = self._state.cursors[sid]
-            cursor.active = False
+            if not durable:
+                self._state.on_error(
+                    sid,
+                    StreamNotFoundError(
+                        sid,
+                        "resume",
+                        f"the broker restarted without durable storage and lost this stream"
+                        f" (events after seq {next_seq - 1} are gone)",
+                    ),
+                )
+                continue
+            self._state.cursors[sid].active = False
             self._subscribe_request(sid, next_seq, False, "resubscribe")
 
     def _forget_requests(self, tags: list[Any]) -> None:
@@ -114,6 +129,10 @@ class _SubscriberLogic(_ClientBase):
         self._send_pending(now, idle=False)
 
     def _send_pending(self, now: float, idle: bool) -> None:
+        for sid in self._state.take_completed():
+            # Its end (or error) is in: stop listening, stop gating its buffer.
+            self._sub.unsubscribe(frames.topic(sid))
+            self._request("unsubscribe", {"stream": sid}, ("unsubscribed", sid))
         for fetch in self._state.take_fetches():
             args = {"stream": fetch.stream_id, "from_seq": fetch.from_seq}
             self._request("fetch", args, ("fetch", fetch.stream_id))
@@ -133,9 +152,11 @@ class _SubscriberLogic(_ClientBase):
         self._state.on_replay(reply.result, subscribed=True)
 
     def _drop(self, stream_id: str) -> None:
+        cursor = self._state.cursors.get(stream_id)
         self._state.remove(stream_id)
-        self._sub.unsubscribe(frames.topic(stream_id))
-        self._request("unsubscribe", {"stream": stream_id}, ("unsubscribed", stream_id))
+        if cursor is not None and not cursor.retired:
+            self._sub.unsubscribe(frames.topic(stream_id))
+            self._request("unsubscribe", {"stream": stream_id}, ("unsubscribed", stream_id))
 
     @property
     def streams(self) -> list[str]:

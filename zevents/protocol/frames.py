@@ -117,8 +117,8 @@ def iter_checked_events(
     tail that is not a whole msgpack object ends the iteration with one
     ``(tail, error)`` item.
     """
-    unpacker = msgpack.Unpacker(raw=False, timestamp=3, strict_map_key=True)
-    unpacker.feed(memoryview(frame)[start:])
+    base = start
+    unpacker = _event_unpacker(frame, base)
     pos = start
     end = len(frame)
     while pos < end:
@@ -127,10 +127,18 @@ def iter_checked_events(
         except msgpack.OutOfData:
             yield frame[pos:], InvalidEventError("truncated msgpack at end of batch")
             return
-        except Exception as exc:  # any msgpack failure means the rest is garbage
-            yield frame[pos:], InvalidEventError(f"malformed msgpack: {exc}")
-            return
-        nxt = start + unpacker.tell()
+        except Exception as exc:
+            # Well-formed msgpack that is no event (a non-str key, a timestamp out
+            # of range) costs only itself: skip it with a lenient decoder.
+            size = _object_size(frame, pos)
+            if size is None:  # not msgpack at all: the rest of the frame is garbage
+                yield frame[pos:], InvalidEventError(f"malformed msgpack: {exc}")
+                return
+            yield frame[pos : pos + size], InvalidEventError(f"not an event: {exc}")
+            pos = base = pos + size
+            unpacker = _event_unpacker(frame, base)
+            continue
+        nxt = base + unpacker.tell()
         raw = frame[pos:nxt]
         pos = nxt
         try:
@@ -139,6 +147,24 @@ def iter_checked_events(
             yield raw, exc
             continue
         yield raw, None
+
+
+def _event_unpacker(frame: bytes, start: int) -> msgpack.Unpacker:
+    unpacker = msgpack.Unpacker(raw=False, timestamp=3, strict_map_key=True)
+    unpacker.feed(memoryview(frame)[start:])
+    return unpacker
+
+
+def _object_size(frame: bytes, pos: int) -> int | None:
+    """Bytes taken by the msgpack object at ``pos``, decoded leniently; None if none is."""
+    lenient = msgpack.Unpacker(raw=True, timestamp=0, strict_map_key=False)
+    lenient.feed(memoryview(frame)[pos:])
+    try:
+        lenient.skip()
+    except Exception:
+        return None
+    size: int = lenient.tell()
+    return size
 
 
 # -- publish ---------------------------------------------------------------------
@@ -179,9 +205,12 @@ def split_events(payload: bytes | memoryview) -> list[dict[str, Any]]:
     unpacker = msgpack.Unpacker(raw=False, timestamp=3, strict_map_key=True)
     unpacker.feed(payload)
     try:
-        return list(unpacker)
+        events = list(unpacker)
     except Exception as exc:
         raise InvalidEventError(f"malformed event batch: {exc}") from exc
+    if unpacker.tell() != len(payload):  # iteration stops quietly at a truncated tail
+        raise InvalidEventError("truncated event batch")
+    return events
 
 
 # -- control ---------------------------------------------------------------------

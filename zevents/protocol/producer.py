@@ -98,8 +98,8 @@ class ProducerState:
     def resend(self) -> list[bytes]:
         """Frames carrying every unanswered event again (after a broker restart).
 
-        A broker that remembers this producer (``--data-dir``) drops the ones it
-        already has; a fresh one takes them as new.
+        A broker drops the ones it already has (it remembers each producer's last
+        pseq per stream); a fresh one takes them as new.
         """
         out_frames = []
         for out in self._streams.values():

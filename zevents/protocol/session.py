@@ -108,15 +108,17 @@ class Session:
     def _on_hello(self, result: Any) -> None:
         try:
             limits = dict(result["limits"])
-            self.handshake = Handshake(
+            handshake = Handshake(
                 broker_id=str(result["broker_id"]),
                 ingest=_connectable(str(result["ingest"]), self.control),
                 publish=_connectable(str(result["publish"]), self.control),
                 limits=limits,
             )
-            self.heartbeat_interval = float(limits.get("heartbeat_interval", 1.0))
+            interval = float(limits.get("heartbeat_interval", 1.0))
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed hello reply: {exc!r}") from exc
+        self.handshake = handshake
+        self.heartbeat_interval = interval
 
     # -- liveness -------------------------------------------------------------------
 

@@ -58,15 +58,22 @@ class Cursor:
     error: ZEventsError | None = None
     buffer_size: int = 100
     reported: tuple[int, float] | None = None  # (head from a heartbeat, when)
+    failed: bool = False  # its error was raised: nothing more comes
+    retired: bool = False  # reported by take_completed (the client unsubscribed)
+
+    @property
+    def complete(self) -> bool:
+        """Everything up to the end (or the error) has arrived; the taking may be left."""
+        if self.failed or self.error is not None:
+            return True
+        return self.end_seq is not None and self.next_seq > self.end_seq
 
     @property
     def finished(self) -> bool:
         """True once every event up to the end was taken, or an error awaits."""
         if self.ready:
             return False
-        if self.error is not None:
-            return True
-        return self.end_seq is not None and self.next_seq > self.end_seq
+        return self.complete
 
 
 class SubscriberState:
@@ -91,8 +98,19 @@ class SubscriberState:
         return cursor
 
     def remove(self, stream_id: str) -> None:
-        """Stop following ``stream_id``."""
+        """Stop following ``stream_id`` (nothing more is delivered or acknowledged)."""
         self.cursors.pop(stream_id, None)
+        self._unacked.pop(stream_id, None)
+
+    def take_completed(self) -> list[str]:
+        """Streams that reached their end or failed since the last call: the client
+        stops listening to them (their remaining events stay to be taken)."""
+        done = []
+        for sid, cursor in self.cursors.items():
+            if not cursor.retired and cursor.active and cursor.complete:
+                cursor.retired = True
+                done.append(sid)
+        return done
 
     def on_replay(self, result: dict[str, Any], subscribed: bool = False) -> None:
         """Take the reply to a subscribe (``subscribed``) or a fetch."""
@@ -132,7 +150,7 @@ class SubscriberState:
         """Take one frame from the SUB socket."""
         stream_id, kind, seq, start = frames.decode_publish(frame)
         cursor = self.cursors.get(stream_id)
-        if cursor is None or cursor.error is not None:
+        if cursor is None or cursor.error is not None or cursor.failed:
             return
         if kind == frames.KIND_END:
             cursor.end_seq = seq
@@ -268,7 +286,7 @@ class SubscriberState:
             return event
         if cursor.error is not None:
             err, cursor.error = cursor.error, None
-            cursor.end_seq = cursor.next_seq - 1
+            cursor.failed = True
             raise err
         return None
 
@@ -278,7 +296,11 @@ class SubscriberState:
             cursor = self.cursors.get(stream_id)
             return cursor is not None and (bool(cursor.ready) or cursor.error is not None)
         order = self.order
-        while order and not order[0].ready and order[0].error is None:
+        cursors = self.cursors
+        while order and (
+            cursors.get(order[0].stream_id) is not order[0]
+            or (not order[0].ready and order[0].error is None)
+        ):
             order.popleft()
         return bool(order)
 
@@ -312,5 +334,5 @@ class SubscriberState:
         return flat
 
     def resume_points(self) -> dict[str, int]:
-        """Where each unfinished stream resumes after a reconnect: its next seq."""
-        return {sid: c.next_seq for sid, c in self.cursors.items() if not c.finished}
+        """Where each stream not yet complete resumes after a reconnect: its next seq."""
+        return {sid: c.next_seq for sid, c in self.cursors.items() if not c.complete}
