@@ -38,7 +38,8 @@ class BrokerConfig:
             "window": self.window,
             "max_message_size": self.max_message_size,
             "max_batch": self.max_batch,
-            "heartbeat_interval": self.heartbeat_interval,
+            # Three heartbeats fit in the timeout, so one lost or late is not fatal.
+            "heartbeat_interval": min(self.heartbeat_interval, self.subscriber_timeout / 3),
             "subscriber_timeout": self.subscriber_timeout,
             "buffer_size": self.buffer_size,
             "policy": str(self.policy),

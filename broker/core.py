@@ -105,6 +105,7 @@ class BrokerCore:
             "subscribe": self._op_subscribe,
             "unsubscribe": self._op_unsubscribe,
             "fetch": self._op_fetch,
+            "bye": self._op_bye,
         }
 
     # -- output ---------------------------------------------------------------------
@@ -114,6 +115,13 @@ class BrokerCore:
         for stream in self._dirty.values():
             self._publish_pending(stream)
         self._dirty.clear()
+        # Drops first: a producer must know of them before an ack says it was answered.
+        for client, drops in self._drops.items():
+            for sid, count in drops.items():
+                found = self.streams.find(sid)
+                size = found.buffer_size if found is not None else 0
+                self._ctl.append((client, frames.encode_control("dropped", sid, count, size)))
+        self._drops.clear()
         for client, acks in self._acks.items():
             flat: list[Any] = []
             for sid, pseq in acks.items():
@@ -121,12 +129,6 @@ class BrokerCore:
                 flat.append(pseq)
             self._ctl.append((client, frames.encode_control("ack", self.broker_id, flat)))
         self._acks.clear()
-        for client, drops in self._drops.items():
-            for sid, count in drops.items():
-                found = self.streams.find(sid)
-                size = found.buffer_size if found is not None else 0
-                self._ctl.append((client, frames.encode_control("dropped", sid, count, size)))
-        self._drops.clear()
         pub, ctl = self._pub, self._ctl
         self._pub, self._ctl = [], []
         return pub, ctl
@@ -531,6 +533,11 @@ class BrokerCore:
         stream.touch()
         return self._replay(stream, from_seq)
 
+    def _op_bye(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
+        """A client closes: it stops gating at once (no waiting for its timeout)."""
+        self.forget_client(client, lapse=False)
+        return {}
+
     def _on_acks(self, client: bytes, msg: list[Any]) -> None:
         flat = msg[1] if len(msg) > 1 else None
         if type(flat) is not list or len(flat) % 2:
@@ -601,15 +608,16 @@ class BrokerCore:
         if self.config.idle_timeout > 0:
             self._expire_idle(self.config.idle_timeout)
 
-    def forget_client(self, client: bytes) -> None:
-        """A client went silent: it stops gating every stream it subscribed to."""
+    def forget_client(self, client: bytes, lapse: bool = True) -> None:
+        """A client went silent (or said bye): it stops gating every stream it
+        subscribed to.  A silent one may come back by acking (``lapse``)."""
         self._clients.pop(client, None)
         sids = self._subs.pop(client, set())
         for sid in sids:
             stream = self.streams.find(sid)
             if stream is not None:
                 self._drop_cursor(client, stream)
-        if sids:
+        if sids and lapse:
             self._lapsed[client] = (self.clock(), sids)
 
     def _expire_idle(self, threshold: float) -> None:

@@ -123,7 +123,9 @@ def broker_args(*extra: str) -> list[str]:
 @pytest.fixture(scope="session")
 def broker(xprocess: Any) -> Iterator[BrokerProcess]:
     """One broker shared by the session (tests use their own stream IDs)."""
-    proc = BrokerProcess("zbroker-shared", xprocess, broker_args("--subscriber-timeout", "2"))
+    # The pid keeps concurrent pytest runs in one checkout off each other's brokers.
+    name = f"zbroker-shared-{os.getpid()}"
+    proc = BrokerProcess(name, xprocess, broker_args("--subscriber-timeout", "2"))
     proc.start()
     yield proc
     proc.terminate()

@@ -306,14 +306,6 @@ async def test_replay_unavailable_names_the_missing_range(broker, stream_id):
         await admin.close_stream(stream_id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: AsyncSubscriber.aclose (like Subscriber.close) closes its sockets without "
-        "unsubscribing, so the broker keeps its cursor and the closed subscriber gates "
-        "a BLOCK stream until --subscriber-timeout passes"
-    ),
-)
 async def test_closed_subscriber_stops_gating_at_once(broker, stream_id):
     async with (
         AsyncAdmin(broker.control, timeout=T) as admin,
@@ -637,15 +629,6 @@ async def test_killed_subscriber_stops_blocking_producer(make_broker, stream_id)
         assert (info.subscribers, info.events_in, info.parked) == (0, 32, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: the broker announces heartbeat_interval 1.0 whatever --subscriber-timeout "
-        "is (BrokerConfig.limits), and clients heartbeat only once that interval has "
-        "passed since they last sent: with --subscriber-timeout 1 live, heartbeating "
-        "subscribers are forgotten and stop gating their streams"
-    ),
-)
 async def test_heartbeating_subscribers_stay_registered_with_a_short_timeout(
     make_broker, stream_id
 ):
@@ -703,14 +686,6 @@ async def test_subscriber_recovers_lost_publish_frames(broker, stream_id):
     assert text_of(got) == [str(i) for i in range(n)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: AsyncProducer._flush_pending joins everything queued in one loop turn "
-        "into one ingest frame without regard to max_message_size: 20 separate "
-        "awaited sends of 75 KB events are refused together with LimitExceededError"
-    ),
-)
 async def test_separate_sends_of_large_events_are_delivered(broker, stream_id):
     events = [Event.text_delta(f"{i}:" + "x" * 75_000) for i in range(20)]
     async with (

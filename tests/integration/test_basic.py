@@ -9,7 +9,9 @@ from zevents import Admin, Event, Producer, Subscriber
 
 def test_events_arrive_in_order_with_seq_and_stream(broker, stream_id):
     with Producer(broker.control) as p, Subscriber(broker.control) as s:
-        following = s.subscribe(stream_id, create=True)
+        with Admin(broker.control) as admin:  # room for all 200: nobody reads until the end
+            admin.create_stream(stream_id, buffer_size=256)
+        following = s.subscribe(stream_id)
         p.send_many(stream_id, [Event.text_delta(f"t{i}") for i in range(200)])
         p.flush(timeout=10)
         with Admin(broker.control) as admin:

@@ -363,8 +363,9 @@ def test_hello_handshake_returns_endpoints_and_limits(broker, net):
         "window": 256,
         "max_message_size": 1048576,
         "max_batch": 1024,
-        "heartbeat_interval": 1.0,
-        "subscriber_timeout": 2.0,  # the shared broker runs with --subscriber-timeout 2
+        # a third of the shared broker's --subscriber-timeout 2
+        "heartbeat_interval": pytest.approx(2 / 3),
+        "subscriber_timeout": 2.0,
         "buffer_size": 100,
         "policy": "block",
         "require_create": False,

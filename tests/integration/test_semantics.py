@@ -285,14 +285,6 @@ def test_drop_stream_with_live_subscriber_loses_only_what_it_counts(broker, stre
     assert reported == info.dropped
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: BrokerCore.flush queues a producer's cumulative 'ack' before its 'dropped' "
-        "notice, so Producer.flush can see every event answered and return before it "
-        "learns of the drops (then nothing reports them if the producer is closed)"
-    ),
-)
 def test_broker_tells_drops_no_later_than_it_acks_them(broker, stream_id):
     from zevents.protocol import frames
     from zevents.protocol.session import new_client_id
@@ -643,15 +635,6 @@ def test_unsubscribe_stops_gating_at_once(broker, stream_id):
         admin.close_stream(stream_id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason=(
-        "BUG: Subscriber.close (and AsyncSubscriber.aclose) close the sockets without "
-        "unsubscribing, so the broker keeps the cursor and a cleanly closed subscriber "
-        "gates a BLOCK stream until --subscriber-timeout passes"
-    ),
-)
 def test_closed_subscriber_stops_gating_at_once(broker, stream_id):
     with Admin(broker.control, timeout=T) as admin, Producer(broker.control, timeout=T) as p:
         admin.create_stream(stream_id, buffer_size=5)
@@ -860,15 +843,6 @@ def test_killed_subscriber_stops_blocking_producer_after_timeout(make_broker, st
         assert text_of(got) == [str(i) for i in range(23, 33)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BrokerUnavailableError,
-    reason=(
-        "BUG: _io.SyncIO._wait checks _ClientBase._broker_silent before pumping; a sync "
-        "client that made no call for longer than max(timeout, 3 heartbeats) raises "
-        "BrokerUnavailableError at once on its next call"
-    ),
-)
 def test_sync_clients_keep_working_after_idling(broker, stream_id):
     with (
         Admin(broker.control, timeout=1) as admin,
@@ -892,14 +866,6 @@ def test_sync_clients_keep_working_after_idling(broker, stream_id):
         assert sub.next_event(timeout=T) is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: the sync Subscriber heartbeats only inside its own calls, so a live "
-        "subscriber whose application pauses longer than --subscriber-timeout is "
-        "forgotten and stops gating a BLOCK stream: the producer runs past it"
-    ),
-)
 def test_paused_sync_subscriber_keeps_gating_block_stream(broker, stream_id):
     with (
         Admin(broker.control, timeout=T) as admin,

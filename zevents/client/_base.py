@@ -139,7 +139,14 @@ class _ClientBase:
         )
 
     def _broker_silent(self, now: float) -> bool:
-        """The broker has not been heard from for long enough to call it gone."""
+        """We have waited long enough for the broker to say anything to call it gone."""
         s = self._session
-        limit = max(self.timeout, 3 * s.heartbeat_interval)
-        return now - s.last_heard > limit and now - s.last_sent < limit
+        return s.silent(now, max(self.timeout, 3 * s.heartbeat_interval))
+
+    def _bye(self) -> None:
+        """Tell the broker we are leaving (it stops counting on us at once)."""
+        if self._session.handshake is not None:
+            try:
+                self._request("bye", {}, ("bye",))
+            except Exception:  # closing anyway: a socket error here changes nothing
+                pass

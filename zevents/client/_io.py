@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +29,12 @@ def _deadline(timeout: float | None) -> float | None:
 
 
 class SyncIO(_ClientBase):
-    """Sockets driven from the caller's thread, during calls."""
+    """Sockets driven from the caller's thread, during calls.
+
+    A small keepalive thread sends heartbeats while the application is busy
+    elsewhere (a paused subscriber still holds its streams back); it shares
+    the control socket under ``_io_lock``, which every socket use takes.
+    """
 
     def __init__(
         self,
@@ -44,6 +50,24 @@ class SyncIO(_ClientBase):
         self._poller = zmq.Poller()
         self._poller.register(self._ctl, zmq.POLLIN)
         self._data_socks: dict[zmq.Socket[Any], Callable[[bytes], None]] = {}
+        self._io_lock = threading.RLock()
+        self._stop_keepalive = threading.Event()
+        self._keepalive_thread: threading.Thread | None = None
+
+    def _start_keepalive(self) -> None:
+        self._keepalive_thread = threading.Thread(
+            target=self._keepalive, name="zevents-keepalive", daemon=True
+        )
+        self._keepalive_thread.start()
+
+    def _keepalive(self) -> None:
+        while not self._stop_keepalive.wait(self._session.heartbeat_interval / 2):
+            with self._io_lock:
+                if self._stop_keepalive.is_set():
+                    return
+                now = time.monotonic()
+                if self._session.heartbeat_due(now):
+                    self._send_control(self._session.heartbeat(now))
 
     def _add_data_socket(self, sock: zmq.Socket[Any], handler: Callable[[bytes], None]) -> None:
         self._data_socks[sock] = handler
@@ -57,60 +81,82 @@ class SyncIO(_ClientBase):
         return s
 
     def _send_control(self, frame: bytes) -> None:
-        self._ctl.send(frame)
+        with self._io_lock:
+            self._session.sent(time.monotonic())
+            self._ctl.send(frame)
 
     def _connect(self) -> None:
         """Handshake, or :class:`BrokerUnavailableError` within ``timeout``."""
         try:
             self._send_control(self._session.hello(time.monotonic()))
-            self._wait(lambda: "hello" in self._replies, self.timeout, "the handshake")
+            self._wait(
+                lambda: "hello" in self._replies, self.timeout, "the handshake", required=True
+            )
             self._take_reply("hello")
         except BaseException:
             self._close_sockets()
             raise
+        self._start_keepalive()
 
     def _pump(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for input, then handle all that is ready."""
-        now = time.monotonic()
-        if self._session.heartbeat_due(now):
-            self._send_control(self._session.heartbeat(now))
-        ready = self._poller.poll(int(max(timeout, 0.0) * 1000))
-        for sock, _ in ready:
-            handler = self._on_control if sock is self._ctl else self._data_socks[sock]
-            for _ in range(4096):
-                try:
-                    frame = sock.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                handler(frame)
-        self._after_pump()
+        with self._io_lock:
+            now = time.monotonic()
+            if self._session.heartbeat_due(now):
+                self._send_control(self._session.heartbeat(now))
+            ready = self._poller.poll(int(max(timeout, 0.0) * 1000))
+            for sock, _ in ready:
+                handler = self._on_control if sock is self._ctl else self._data_socks[sock]
+                for _ in range(4096):
+                    try:
+                        frame = sock.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    handler(frame)
+            self._after_pump()
 
     def _after_pump(self) -> None:
         pass
 
-    def _wait(self, pred: Callable[[], bool], timeout: float | None, what: str) -> bool:
+    def _wait(
+        self,
+        pred: Callable[[], bool],
+        timeout: float | None,
+        what: str,
+        *,
+        required: bool = False,
+    ) -> bool:
         """Handle input until ``pred()`` holds; False at the timeout (None: no timeout).
 
-        Raises :class:`BrokerUnavailableError` if the broker goes silent meanwhile.
+        Raises :class:`BrokerUnavailableError` if the broker leaves us waiting
+        for longer than allowed, or at the timeout when the answer is
+        ``required`` (the handshake).
         """
         deadline = _deadline(timeout)
         while not pred():
             now = time.monotonic()
             if deadline is not None and now >= deadline:
-                if what == "the handshake":
+                if required:
                     raise self._unavailable(what)
                 return False
-            if self._broker_silent(now) and what != "the handshake":
-                raise self._unavailable(what)
             step = self._session.heartbeat_interval
             if deadline is not None:
                 step = min(step, deadline - now)
             self._pump(step)
+            # Judged after pumping: answers queued while we were away count.
+            if not pred() and self._broker_silent(time.monotonic()):
+                raise self._unavailable(what)
         return True
 
     def _close_sockets(self) -> None:
-        for sock in (self._ctl, *self._data_socks):
-            sock.close(linger=0)
+        self._stop_keepalive.set()
+        if self._keepalive_thread is not None:
+            self._keepalive_thread.join(timeout=5)
+        with self._io_lock:
+            self._bye()
+            self._ctl.close(linger=100)  # long enough for the bye to leave
+            for sock in self._data_socks:
+                sock.close(linger=0)
         if self._own_ctx:
             self._ctx.term()
 
@@ -141,6 +187,7 @@ class AsyncIO(_ClientBase):
         return s
 
     def _send_control(self, frame: bytes) -> None:
+        self._session.sent(time.monotonic())
         self._ctl.send(frame)  # DEALER: queued at once, never waits at our HWM
 
     def _notify(self) -> None:
@@ -185,30 +232,39 @@ class AsyncIO(_ClientBase):
         self._start_reader(self._ctl, self._on_control)
         try:
             self._send_control(self._session.hello(time.monotonic()))
-            await self._wait(lambda: "hello" in self._replies, self.timeout, "the handshake")
+            await self._wait(
+                lambda: "hello" in self._replies, self.timeout, "the handshake", required=True
+            )
             self._take_reply("hello")
         except BaseException:
             await self._close_sockets()
             raise
         self._tasks.append(asyncio.ensure_future(self._heartbeat()))
 
-    async def _wait(self, pred: Callable[[], bool], timeout: float | None, what: str) -> bool:
-        """Await until ``pred()`` holds; False at the timeout (None: no timeout)."""
+    async def _wait(
+        self,
+        pred: Callable[[], bool],
+        timeout: float | None,
+        what: str,
+        *,
+        required: bool = False,
+    ) -> bool:
+        """Await until ``pred()`` holds; False at the timeout (see :meth:`SyncIO._wait`)."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while not pred():
             now = loop.time()
             if deadline is not None and now >= deadline:
-                if what == "the handshake":
+                if required:
                     raise self._unavailable(what)
                 return False
-            if self._broker_silent(time.monotonic()) and what != "the handshake":
-                raise self._unavailable(what)
             step = self._session.heartbeat_interval
             if deadline is not None:
                 step = min(step, deadline - now)
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), step)
+            if not pred() and self._broker_silent(time.monotonic()):
+                raise self._unavailable(what)
         return True
 
     async def _close_sockets(self) -> None:
@@ -218,7 +274,9 @@ class AsyncIO(_ClientBase):
             with contextlib.suppress(asyncio.CancelledError, BrokerUnavailableError, Exception):
                 await task
         self._tasks.clear()
-        for sock in (self._ctl, *self._data_socks):
+        self._bye()
+        self._ctl.close(linger=100)  # long enough for the bye to leave
+        for sock in self._data_socks:
             sock.close(linger=0)
         if self._own_ctx:
             self._ctx.term()

@@ -43,20 +43,27 @@ class _ProducerLogic(_ClientBase):
     _closed_streams: dict[str, StreamClosed]
 
     def _init_producer(self) -> None:
-        self._state = ProducerState(self._session.client_id, int(self.handshake.limits["window"]))
-        self._max_batch = max(int(self.handshake.limits.get("max_batch", 1024)), 1)
+        limits = self.handshake.limits
+        self._state = ProducerState(
+            self._session.client_id,
+            int(limits["window"]),
+            int(limits.get("max_batch", 1024)),
+            int(limits.get("max_message_size", 1 << 20)),
+        )
         self._callbacks = []
         self._closed_streams = {}
 
-    @staticmethod
-    def _encode(events: Iterable[Event]) -> list[bytes]:
+    def _encode(self, stream_id: str, events: Iterable[Event]) -> list[bytes]:
         raws = []
         for event in events:
             if event is None:
                 raise InvalidEventError("event cannot be None")
             if not isinstance(event, Event):
                 raise InvalidEventError(f"expected an Event, not {type(event).__name__}")
-            raws.append(event.to_msgpack())  # validates
+            raw = event.to_msgpack()  # validates
+            if len(raw) > 65536:  # only big events can break the size limit
+                self._state.check_size(stream_id, raw)
+            raws.append(raw)
         return raws
 
     def _on_message(self, msg: list[Any]) -> None:
@@ -113,6 +120,7 @@ class Producer(_ProducerLogic, SyncIO):
         self._init_producer()
 
     def _push_frame(self, frame: bytes) -> None:
+        self._session.sent(time.monotonic())  # answers come back on the control socket
         # copy=False: pyzmq copies small frames anyway and keeps a reference to
         # large ones; frames are fresh immutable bytes, so nothing can mutate them.
         self._push.send(frame, copy=False)
@@ -133,7 +141,7 @@ class Producer(_ProducerLogic, SyncIO):
         """
         self._check_open()
         validate_stream_id(stream_id)
-        raws = self._encode(events)
+        raws = self._encode(stream_id, events)
         state = self._state
         self._pump(0)
         state.check(stream_id)
@@ -147,8 +155,9 @@ class Producer(_ProducerLogic, SyncIO):
                     raise TimeoutError(f"stream {stream_id}: send: timed out waiting for room")
                 state.check(stream_id)
                 continue
-            chunk = raws[i : i + min(room, self._max_batch)]
-            self._push_frame(state.encode(stream_id, chunk))
+            chunk = raws[i : i + room]
+            for frame in state.encode_all(stream_id, chunk):
+                self._push_frame(frame)
             i += len(chunk)
 
     def flush(self, stream_id: str | None = None, timeout: float | None = None) -> None:
@@ -228,6 +237,7 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
 
     def _push_frame(self, frame: bytes) -> None:
         assert self._push is not None
+        self._session.sent(time.monotonic())
         self._push.send(frame, copy=False)
 
     def _room(self, stream_id: str) -> int:
@@ -237,8 +247,8 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
         self._flush_scheduled = False
         pending, self._pending = self._pending, {}
         for sid, raws in pending.items():
-            for i in range(0, len(raws), self._max_batch):
-                self._push_frame(self._state.encode(sid, raws[i : i + self._max_batch]))
+            for frame in self._state.encode_all(sid, raws):
+                self._push_frame(frame)
 
     async def send(self, stream_id: str, event: Event, timeout: float | None = None) -> None:
         """Queue one event for ``stream_id`` (see :meth:`send_many`)."""
@@ -250,7 +260,7 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
         """Queue ``events`` for ``stream_id``, awaiting room in its window (BLOCK)."""
         self._check_open()
         validate_stream_id(stream_id)
-        raws = self._encode(events)
+        raws = self._encode(stream_id, events)
         self._state.check(stream_id)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout

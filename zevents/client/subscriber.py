@@ -260,9 +260,9 @@ class Subscriber(_SubscriberLogic, SyncIO):
                 if now >= deadline:
                     raise TimeoutError("next_event: timed out")
                 step = min(step, deadline - now)
-            if self._broker_silent(now):
-                raise self._unavailable("heartbeats")
             self._pump(step)
+            if self._broker_silent(time.monotonic()):
+                raise self._unavailable("heartbeats")
 
     def __iter__(self) -> Iterator[Event]:
         while True:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import (
+    LimitExceededError,
     StreamClosedError,
     StreamFullError,
     ZEventsError,
@@ -48,9 +49,17 @@ class _Outbound:
 class ProducerState:
     """Per-stream pseq counters, windows, unanswered events and pending errors."""
 
-    def __init__(self, client_id: bytes, window: int = 256) -> None:
+    def __init__(
+        self,
+        client_id: bytes,
+        window: int = 256,
+        max_batch: int = 1024,
+        max_message_size: int = 1 << 20,
+    ) -> None:
         self.client_id = client_id
         self.window = window
+        self.max_batch = max(max_batch, 1)
+        self.max_message_size = max_message_size
         self._streams: dict[str, _Outbound] = {}
 
     def _get(self, stream_id: str) -> _Outbound:
@@ -78,8 +87,35 @@ class ProducerState:
         out = self._streams.get(stream_id)
         return self.window if out is None else self.window - len(out.unacked)
 
+    def check_size(self, stream_id: str, raw: bytes) -> None:
+        """Raise :class:`LimitExceededError` if one event cannot fit in a message."""
+        overhead = len(stream_id.encode()) + 1 + frames.CLIENT_ID_SIZE + 8
+        if len(raw) + overhead > self.max_message_size:
+            raise LimitExceededError(
+                f"stream {stream_id}: send: event of {len(raw)} bytes does not fit in"
+                f" max_message_size {self.max_message_size}",
+                "max_message_size",
+            )
+
+    def encode_all(self, stream_id: str, events: list[bytes]) -> list[bytes]:
+        """Ingest frames for ``events``: at most ``max_batch`` events and
+        ``max_message_size`` bytes each (the caller checked :meth:`room`)."""
+        out = self._get(stream_id)
+        budget = self.max_message_size - (len(out.topic) + frames.CLIENT_ID_SIZE + 8)
+        result = []
+        start = 0
+        size = 0
+        for i, raw in enumerate(events):
+            if i - start >= self.max_batch or (i > start and size + len(raw) > budget):
+                result.append(self.encode(stream_id, events[start:i]))
+                start, size = i, 0
+            size += len(raw)
+        if start < len(events):
+            result.append(self.encode(stream_id, events[start:]))
+        return result
+
     def encode(self, stream_id: str, events: list[bytes]) -> bytes:
-        """An ingest frame for ``events`` (the caller checked :meth:`room`)."""
+        """One ingest frame for ``events`` (the caller checked :meth:`room` and size)."""
         out = self._get(stream_id)
         first = out.next_pseq
         unacked = out.unacked

@@ -66,6 +66,8 @@ class Session:
         self._pending: dict[int, Any] = {}
         self.last_heard = 0.0
         self.last_sent = 0.0
+        # When we started waiting for the broker to say anything (None: not waiting).
+        self.awaiting_since: float | None = None
 
     # -- requests -------------------------------------------------------------------
 
@@ -125,6 +127,16 @@ class Session:
     def heard(self, now: float) -> None:
         """Anything arrived from the broker at ``now``."""
         self.last_heard = now
+        self.awaiting_since = None
+
+    def sent(self, now: float) -> None:
+        """We sent something the broker will answer (a request, events, a heartbeat)."""
+        if self.awaiting_since is None:
+            self.awaiting_since = now
+
+    def silent(self, now: float, limit: float) -> bool:
+        """Whether the broker has left us waiting for more than ``limit`` seconds."""
+        return self.awaiting_since is not None and now - self.awaiting_since > limit
 
     def heartbeat_due(self, now: float) -> bool:
         """Whether we have been quiet long enough that a heartbeat should go."""
