@@ -136,6 +136,34 @@ class StreamBuffer:
         self.events_in += 1
         return seq
 
+    def admit_batch(self, raws: list[bytes]) -> int:
+        """Admit from the front of ``raws`` while there is room; how many were."""
+        events = self.events
+        free = self.buffer_size - len(events)
+        n = len(raws)
+        if free >= n:  # the common case: room for all, one extend
+            events.extend(raws)
+        else:
+            n = 0
+            for raw in raws:
+                if len(events) >= self.buffer_size:
+                    if not self._oldest_may_leave():
+                        break
+                    events.popleft()
+                    self.base_seq += 1
+                events.append(raw)
+                n += 1
+            if n == 0:
+                return 0
+            if n < len(raws):
+                raws = raws[:n]
+        if not self.unpublished:
+            self.unpublished_seq = self.next_seq
+        self.unpublished.extend(raws)
+        self.next_seq += n
+        self.events_in += n
+        return n
+
     def take_unpublished(self) -> tuple[int, list[bytes]]:
         """``(first seq, events)`` admitted since the last call."""
         batch = self.unpublished

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from zevents.errors import (
+    InvalidEventError,
     InvalidStreamIdError,
     LimitExceededError,
     ProtocolError,
@@ -215,52 +216,84 @@ class BrokerCore:
         self, stream: StreamBuffer, client: bytes, hdr: frames.IngestHeader, frame: bytes
     ) -> None:
         # Answers: a cumulative ack through the last pseq dealt with here, a nack
-        # per rejected event.  A parked (BLOCK, full) event is answered when it is
+        # per refused event.  A parked (BLOCK, full) event is answered when it is
         # admitted, so the cumulative ack must not pass a parked event of this client.
-        sid = stream.stream_id
+        raws, errors = frames.decode_batch(frame, hdr.body_start)
+        first = hdr.first_pseq
         last = stream.producers.get(client, 0)
-        pseq = hdr.first_pseq
-        through = 0
-        block = stream.policy is BackpressurePolicy.BLOCK
-        parked = stream.parked
-        holding = client in stream.parked_by
-        window = self.config.window
-        dropped = 0
-        for raw, err in frames.iter_checked_events(frame, hdr.body_start):
-            if pseq <= last:  # a resend of something already dealt with
-                pass
-            elif err is not None:
-                stream.rejected += 1
-                self._rejected += 1
-                self.bad_input("event", err)
-                self._nack(client, sid, pseq, pseq, err)
-            elif not parked and stream.has_room():
-                stream.admit(raw)
-            elif not block:
-                dropped += 1
-            elif stream.parked_by.get(client, 0) >= window or len(parked) >= self.config.max_parked:
-                # Only a producer ignoring its window gets here: the SDK never does.
-                stream.rejected += 1
-                self._rejected += 1
-                self._nack(client, sid, pseq, pseq, _parked_full(stream, window))
-            else:
-                stream.park(client, pseq, raw)
-                holding = True
-            if not holding:
-                through = pseq
-            pseq += 1
-        if pseq - 1 > last:
-            stream.producers[client] = pseq - 1
+        if not errors and first > last and not stream.parked:
+            # The common case: all new, all valid, nobody waiting ahead of them.
+            admitted = stream.admit_batch(raws)
+            through = first + admitted - 1
+            for i in range(admitted, len(raws)):
+                through = self._full(stream, client, first + i, raws[i], through)
+        else:
+            through = self._ingest_slowly(stream, client, first, last, raws, errors)
+        end = first + len(raws) - 1
+        if end > last:
+            stream.producers[client] = end
         stream.touch()
         if stream.unpublished:
-            self._dirty[sid] = stream
+            self._dirty[stream.stream_id] = stream
         if through:
-            self._ack(client, sid, through)
-        if dropped:
-            stream.dropped += dropped
-            self._dropped += dropped
+            self._ack(client, stream.stream_id, through)
+
+    def _ingest_slowly(
+        self,
+        stream: StreamBuffer,
+        client: bytes,
+        first: int,
+        last: int,
+        raws: list[bytes],
+        errors: dict[int, InvalidEventError],
+    ) -> int:
+        """Event by event: resends, invalid events, others parked ahead.  Returns
+        the pseq the cumulative ack may cover (0: none)."""
+        through = 0
+        for i, raw in enumerate(raws):
+            pseq = first + i
+            holding = client in stream.parked_by
+            if pseq <= last:  # a resend of something already dealt with
+                if not holding:
+                    through = pseq
+            elif i in errors:
+                stream.rejected += 1
+                self._rejected += 1
+                self.bad_input("event", errors[i])
+                self._nack(client, stream.stream_id, pseq, pseq, errors[i])
+                if not holding:
+                    through = pseq
+            elif not stream.parked and stream.has_room():
+                stream.admit(raw)
+                if not holding:
+                    through = pseq
+            else:
+                through = self._full(stream, client, pseq, raw, through)
+        return through
+
+    def _full(
+        self, stream: StreamBuffer, client: bytes, pseq: int, raw: bytes, through: int
+    ) -> int:
+        """Event ``pseq`` found the stream full (or others waiting): park, drop or
+        refuse it.  Returns the pseq the cumulative ack may now cover."""
+        sid = stream.stream_id
+        if stream.policy is BackpressurePolicy.DROP:
+            stream.dropped += 1
+            self._dropped += 1
             per = self._drops.setdefault(client, {})
-            per[sid] = per.get(sid, 0) + dropped
+            per[sid] = per.get(sid, 0) + 1
+            return through if client in stream.parked_by else pseq
+        if (
+            stream.parked_by.get(client, 0) >= self.config.window
+            or len(stream.parked) >= self.config.max_parked
+        ):
+            # Only a producer ignoring its window gets here: the SDK never does.
+            stream.rejected += 1
+            self._rejected += 1
+            self._nack(client, sid, pseq, pseq, _parked_full(stream, self.config.window))
+            return through
+        stream.park(client, pseq, raw)
+        return through
 
     def _ack(self, client: bytes, sid: str, pseq: int) -> None:
         per = self._acks.get(client)
@@ -281,7 +314,7 @@ class BrokerCore:
         frame: bytes,
         exc: ZEventsError,
     ) -> None:
-        count = sum(1 for _ in frames.iter_checked_events(frame, hdr.body_start))
+        count = len(frames.decode_batch(frame, hdr.body_start)[0])
         last = hdr.first_pseq + max(count, 1) - 1
         self._rejected += count
         stream = self.streams.find(sid)

@@ -246,9 +246,10 @@ class Subscriber(_SubscriberLogic, SyncIO):
         while True:
             event = state.next_event(stream_id)
             if event is not None:
-                flat = state.acks(time.monotonic(), idle=False)
-                if flat:
-                    self._send_control(frames.encode_control("ack", flat))
+                if state.ack_due:
+                    flat = state.acks(time.monotonic(), idle=False)
+                    if flat:
+                        self._send_control(frames.encode_control("ack", flat))
                 return event
             if state.finished(stream_id):
                 self._send_pending(time.monotonic(), idle=True)
@@ -373,9 +374,10 @@ class AsyncSubscriber(_SubscriberLogic, AsyncIO):
         while True:
             event = state.next_event(stream_id)
             if event is not None:
-                flat = state.acks(time.monotonic(), idle=False)
-                if flat:
-                    self._send_control(frames.encode_control("ack", flat))
+                if state.ack_due:
+                    flat = state.acks(time.monotonic(), idle=False)
+                    if flat:
+                        self._send_control(frames.encode_control("ack", flat))
                 return event
             self._send_pending(time.monotonic(), idle=True)
             if state.finished(stream_id):

@@ -38,6 +38,7 @@ __all__ = [
     "KIND_EVENTS",
     "PROTOCOL_VERSION",
     "IngestHeader",
+    "decode_batch",
     "decode_control",
     "decode_ingest_header",
     "decode_publish",
@@ -108,45 +109,63 @@ def decode_ingest_header(frame: bytes) -> IngestHeader:
     return IngestHeader(stream_id, client_id, first_pseq, pos + _INGEST_FIXED)
 
 
-def iter_checked_events(
-    frame: bytes, start: int
-) -> Iterator[tuple[bytes, InvalidEventError | None]]:
-    """Each event of ``frame[start:]`` as ``(raw bytes, None)`` if valid, else ``(raw, error)``.
+def decode_batch(frame: bytes, start: int) -> tuple[list[bytes], dict[int, InvalidEventError]]:
+    """Split and check the events of ``frame[start:]``.
 
-    Raw bytes are the event exactly as it arrived (kept, never re-encoded).  A
-    tail that is not a whole msgpack object ends the iteration with one
-    ``(tail, error)`` item.
+    Returns every event's raw bytes, exactly as they arrived (kept, never
+    re-encoded), and the errors of the invalid ones by index (usually none).
+    A tail that is not a whole msgpack object counts as one last, invalid event.
     """
+    raws: list[bytes] = []
+    errors: dict[int, InvalidEventError] = {}
+    append = raws.append
+    check = check_wire_event
     base = start
     unpacker = _event_unpacker(frame, base)
+    unpack = unpacker.unpack
+    tell = unpacker.tell
     pos = start
     end = len(frame)
     while pos < end:
         try:
-            obj = unpacker.unpack()
+            obj = unpack()
         except msgpack.OutOfData:
-            yield frame[pos:], InvalidEventError("truncated msgpack at end of batch")
-            return
+            errors[len(raws)] = InvalidEventError("truncated msgpack at end of batch")
+            append(frame[pos:])
+            break
         except Exception as exc:
             # Well-formed msgpack that is no event (a non-str key, a timestamp out
             # of range) costs only itself: skip it with a lenient decoder.
             size = _object_size(frame, pos)
             if size is None:  # not msgpack at all: the rest of the frame is garbage
-                yield frame[pos:], InvalidEventError(f"malformed msgpack: {exc}")
-                return
-            yield frame[pos : pos + size], InvalidEventError(f"not an event: {exc}")
+                errors[len(raws)] = InvalidEventError(f"malformed msgpack: {exc}")
+                append(frame[pos:])
+                break
+            errors[len(raws)] = InvalidEventError(f"not an event: {exc}")
+            append(frame[pos : pos + size])
             pos = base = pos + size
             unpacker = _event_unpacker(frame, base)
+            unpack = unpacker.unpack
+            tell = unpacker.tell
             continue
-        nxt = base + unpacker.tell()
-        raw = frame[pos:nxt]
-        pos = nxt
+        nxt = base + tell()
         try:
-            check_wire_event(obj)
+            check(obj)
         except InvalidEventError as exc:
-            yield raw, exc
-            continue
-        yield raw, None
+            errors[len(raws)] = exc
+        append(frame[pos:nxt])
+        pos = nxt
+    return raws, errors
+
+
+def iter_checked_events(
+    frame: bytes, start: int
+) -> Iterator[tuple[bytes, InvalidEventError | None]]:
+    """Each event of ``frame[start:]`` as ``(raw bytes, None)`` if valid, else
+    ``(raw, error)`` (:func:`decode_batch`, one by one)."""
+    raws, errors = decode_batch(frame, start)
+    for i, raw in enumerate(raws):
+        yield raw, errors.get(i)
 
 
 def _event_unpacker(frame: bytes, start: int) -> msgpack.Unpacker:

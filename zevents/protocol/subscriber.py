@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ZEventsError
-from ..events import _BY_NAME, Event
+from ..events import Event
 from . import frames
 
 __all__ = ["Cursor", "Fetch", "SubscriberState"]
@@ -86,6 +86,8 @@ class SubscriberState:
         self._fetches: list[Fetch] = []
         self.order: deque[Cursor] = deque()  # cursors that may have ready events
         self._unacked: dict[str, Cursor] = {}  # cursors with taken > acked
+        #: Half a buffer was taken somewhere since its last ack: acks() has work now.
+        self.ack_due = False
 
     # -- subscribing ------------------------------------------------------------------
 
@@ -205,18 +207,11 @@ class SubscriberState:
         if skip >= len(events):
             return
         sid = cursor.stream_id
-        ready = cursor.ready
+        append = cursor.ready.append
+        received = Event._received
         seq = cursor.next_seq
         for obj in events[skip:] if skip else events:
-            ready.append(
-                Event(
-                    _BY_NAME[obj["type"]],
-                    obj["data"],
-                    obj["timestamp"],
-                    seq=seq,
-                    stream_id=sid,
-                )
-            )
+            append(received(obj, seq, sid))
             seq += 1
         cursor.next_seq = seq
         if cursor.reported is not None and seq > cursor.reported[0]:
@@ -281,8 +276,10 @@ class SubscriberState:
     def _take(self, cursor: Cursor) -> Event | None:
         if cursor.ready:
             event = cursor.ready.popleft()
-            cursor.taken = event.seq or cursor.taken
+            taken = cursor.taken = event.seq or cursor.taken
             self._unacked[cursor.stream_id] = cursor
+            if taken - cursor.acked >= cursor.buffer_size >> 1:
+                self.ack_due = True
             return event
         if cursor.error is not None:
             err, cursor.error = cursor.error, None
@@ -331,6 +328,7 @@ class SubscriberState:
                 del unacked[sid]
         if flat:
             self._last_ack = now
+        self.ack_due = False
         return flat
 
     def resume_points(self) -> dict[str, int]:
