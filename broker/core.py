@@ -185,19 +185,25 @@ class BrokerCore:
                 "max_message_size",
             )
             self.bad_input("oversized", err)
-            self._nack_frame(client, sid, hdr, frame, err)
+            count = len(frames.decode_batch(frame, hdr.body_start)[0])
+            self._nack_all(client, sid, hdr.first_pseq, count, err)
             return
+        raws, errors = frames.decode_batch(frame, hdr.body_start)
         stream = self.streams.find(sid)
         if stream is None:
             try:
-                stream = self._create_on_ingest(sid)
+                if len(errors) == len(raws):
+                    # Nothing valid: answer it, but garbage does not get to create streams.
+                    stream = StreamBuffer(sid, 1, self.config.policy, self.clock)
+                else:
+                    stream = self._create_on_ingest(sid)
             except ZEventsError as exc:
-                self._nack_frame(client, sid, hdr, frame, exc)
+                self._nack_all(client, sid, hdr.first_pseq, len(raws), exc)
                 return
         if stream.closed:
-            self._nack_frame(client, sid, hdr, frame, StreamClosedError(sid, "send"))
+            self._nack_all(client, sid, hdr.first_pseq, len(raws), StreamClosedError(sid, "send"))
             return
-        self._ingest_events(stream, client, hdr, frame)
+        self._ingest_events(stream, client, hdr.first_pseq, raws, errors)
 
     def _create_on_ingest(self, sid: str) -> StreamBuffer:
         if self.config.require_create:
@@ -213,13 +219,16 @@ class BrokerCore:
             )
 
     def _ingest_events(
-        self, stream: StreamBuffer, client: bytes, hdr: frames.IngestHeader, frame: bytes
+        self,
+        stream: StreamBuffer,
+        client: bytes,
+        first: int,
+        raws: list[bytes],
+        errors: dict[int, InvalidEventError],
     ) -> None:
         # Answers: a cumulative ack through the last pseq dealt with here, a nack
         # per refused event.  A parked (BLOCK, full) event is answered when it is
         # admitted, so the cumulative ack must not pass a parked event of this client.
-        raws, errors = frames.decode_batch(frame, hdr.body_start)
-        first = hdr.first_pseq
         last = stream.producers.get(client, 0)
         if not errors and first > last and not stream.parked:
             # The common case: all new, all valid, nobody waiting ahead of them.
@@ -306,21 +315,13 @@ class BrokerCore:
         # A nack answers first..last on its own; it does not move the cumulative ack.
         self._send(client, "nack", sid, first, last, exc.code, str(exc), exc.wire_fields())
 
-    def _nack_frame(
-        self,
-        client: bytes,
-        sid: str,
-        hdr: frames.IngestHeader,
-        frame: bytes,
-        exc: ZEventsError,
-    ) -> None:
-        count = len(frames.decode_batch(frame, hdr.body_start)[0])
-        last = hdr.first_pseq + max(count, 1) - 1
+    def _nack_all(self, client: bytes, sid: str, first: int, count: int, exc: ZEventsError) -> None:
+        """Refuse a whole frame of ``count`` events."""
         self._rejected += count
         stream = self.streams.find(sid)
         if stream is not None:
             stream.rejected += count
-        self._nack(client, sid, hdr.first_pseq, last, exc)
+        self._nack(client, sid, first, first + max(count, 1) - 1, exc)
 
     def _admit_parked(self, stream: StreamBuffer) -> None:
         parked = stream.parked
@@ -341,7 +342,9 @@ class BrokerCore:
         when the marker arrives here the stream's topic is already in effect
         and the replay can start with no gap at the seam.
         """
-        if len(frame) >= 2 and frame[0] == 1 and frame[1] == 0:
+        if not frame or frame[0] > 1:  # neither a subscription nor an unsubscription
+            self.bad_input("publish", ProtocolError(f"not a subscription: {frame[:16]!r}"))
+        elif len(frame) >= 2 and frame[0] == 1 and frame[1] == 0:
             token = bytes(frame[2:])
             pending = self._pending_subs.pop(token, None)
             if pending is None:

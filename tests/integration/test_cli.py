@@ -262,8 +262,7 @@ def test_send_all_good_lines_with_close_exits_0(broker, stream_id):
 
 def test_send_to_a_full_drop_stream_fails_clearly(make_broker, stream_id, wait_until):
     # The broker's --buffer-size and --policy make new streams DROP streams of two events.
-    # Events are fed one line at a time so the drop is known before the last line: the
-    # notice racing the final ack is test_faults' drop-notice test.
+    # Fed one line at a time, the drop is known before the last line is sent.
     b = make_broker("--buffer-size", "2", "--policy", "drop")
     proc = subprocess.Popen(
         [*ZEVENTS, "send", stream_id, "--broker", b.control],
@@ -298,6 +297,12 @@ def test_send_to_a_full_drop_stream_fails_clearly(make_broker, stream_id, wait_u
     with Admin(b.control) as admin:
         info = admin.stream_info(stream_id)
     assert (info.buffer_size, info.policy, info.last_seq) == (2, "drop", 2)
+
+    # all at once: the drop is only known from the answers send waits for at the end
+    other = f"{stream_id}-at-once"
+    res = run_cli("send", other, "--text", "a", "--text", "b", "--text", "c", "--broker", b.control)
+    assert res.returncode != 0
+    assert "full" in res.stderr.lower() and "Traceback" not in res.stderr, res.stderr
 
 
 # -- tail ----------------------------------------------------------------------------

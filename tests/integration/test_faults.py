@@ -395,12 +395,6 @@ def test_every_malformed_control_request_is_counted(make_broker, zctx, stream_id
     assert sum(bad_input(b.control).values()) - before >= len(malformed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: broker/core.py BrokerCore.on_subscription silently ignores messages on the "
-    "XPUB socket that are neither (un)subscriptions nor markers (empty frames, other first "
-    "bytes): they are malformed input but never counted in stats().bad_input nor logged",
-)
 def test_garbage_on_the_publish_socket_is_counted(make_broker, zctx, wait_until):
     b = make_broker()
     _, publish = endpoints(b.control)
@@ -476,29 +470,19 @@ def test_oversized_ingest_message_gets_a_nack_and_the_broker_keeps_serving(broke
     assert bad_input(broker.control).get("oversized", 0) - before >= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: zevents/client/producer.py Producer.send_many batches up to min(window, "
-    "max_batch) events into one ingest frame without checking the handshake's "
-    "max_message_size, so 250 valid 5 KB events become one 1.25 MB frame the broker "
-    "refuses whole with LIMIT_EXCEEDED (valid events lost)",
-)
 def test_a_batch_of_small_events_over_max_message_size_is_delivered(broker, stream_id):
     texts = [f"{i:04d}" + "y" * 5000 for i in range(250)]
+    with Admin(broker.control) as admin:
+        admin.create_stream(stream_id, buffer_size=250)  # room for all: no reader needed
     with Producer(broker.control) as producer:
         producer.send_many(stream_id, [Event.text_delta(t) for t in texts])
         producer.flush(timeout=10)
-    with Admin(broker.control) as admin:
-        assert admin.stream_info(stream_id).last_seq == 250
+    with Subscriber(broker.control) as sub:
+        following = sub.subscribe(stream_id, from_seq=1)
+        got = [following.next_event(timeout=10) for _ in texts]
+    assert [e.data["text"] for e in got if e is not None] == texts
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: zevents/client/producer.py Producer.send_many pushes a frame over twice "
-    "max_message_size (the broker's ZMQ_MAXMSGSIZE) although the handshake told it the "
-    "limit: ZeroMQ drops the connection, nothing answers, and flush times out instead "
-    "of raising LimitExceededError",
-)
 def test_an_event_over_twice_max_message_size_is_refused_clearly(broker, stream_id):
     with Producer(broker.control) as producer:
         with pytest.raises(LimitExceededError):
@@ -511,13 +495,6 @@ def test_an_event_over_twice_max_message_size_is_refused_clearly(broker, stream_
 # -- answers -------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: broker/core.py BrokerCore.flush queues a round's 'ack' messages before its "
-    "'dropped' messages, so the ack answering a dropped event reaches the producer first: "
-    "Producer.flush (waiting only for answers) can return normally before the drop notice "
-    "arrives, and `zevents send` to a full DROP stream then sometimes exits 0 silently",
-)
 def test_drop_notice_reaches_the_producer_no_later_than_the_ack_answering_it(
     make_broker, zctx, stream_id
 ):
@@ -741,14 +718,6 @@ def test_producer_that_noticed_an_outage_reconnects_when_the_broker_is_back(
     assert [e.data["text"] for e in got if e is not None] == ["down", "after"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: zevents/client/_io.py SyncIO._wait checks _ClientBase._broker_silent before "
-    "pumping anything: after a pause with no call longer than max(timeout, 3 heartbeat "
-    "intervals) last_heard is stale while the heartbeat just sent made last_sent fresh, so "
-    "the first flush (or Admin call) raises BrokerUnavailableError at once although the "
-    "broker is up",
-)
 def test_producer_idle_through_an_outage_reconnects_on_its_next_send(make_broker, stream_id):
     b = make_broker()
     with Producer(b.control, timeout=1) as producer:
