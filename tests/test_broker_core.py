@@ -4,11 +4,10 @@ No sockets: each test feeds ``on_ingest`` / ``on_control`` / ``on_subscription``
 ``on_tick`` and reads what ``flush()`` returns, like h11's tests drive its
 connection state machine.
 
-Stream activity (``StreamBuffer.touch`` and ``StreamManager.inactive``) reads
-``time.monotonic`` directly rather than the core's ``clock``; the ``clock`` fixture
-therefore points both modules' ``time`` at the same fake clock, so every test sees
-one consistent time.  Two xfail tests below show what happens with the ``clock``
-argument alone.
+The core threads its ``clock`` through to stream activity (``StreamBuffer.touch``,
+``StreamManager.inactive``); the ``clock`` fixture also points those modules'
+``time`` at the same fake clock, and two tests check the ``clock`` argument alone
+is enough.
 """
 
 from __future__ import annotations

@@ -214,8 +214,9 @@ def drop_reports(p: Producer, stream_id: str, expected: int) -> list[StreamFullE
     """Flush ``stream_id`` and collect the errors reporting its drops until they add up
     to ``expected``.
 
-    A notice may trail the flush that should have raised it (the xfailed
-    ``test_broker_tells_drops_no_later_than_it_acks_them``); the next call raises it.
+    The broker sends a drop notice before the ack answering the dropped event
+    (``test_broker_tells_drops_no_later_than_it_acks_them``), so the flush that
+    waits for that ack raises it; the loop also takes notices split over calls.
     """
     errors: list[StreamFullError] = []
     deadline = time.monotonic() + T
