@@ -13,7 +13,8 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -22,6 +23,9 @@ from ..errors import BrokerUnavailableError
 from ._base import _HWM, _ClientBase
 
 __all__ = ["AsyncIO", "SyncIO"]
+
+_S = TypeVar("_S", bound="SyncIO")
+_A = TypeVar("_A", bound="AsyncIO")
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -148,6 +152,38 @@ class SyncIO(_ClientBase):
                 raise self._unavailable(what)
         return True
 
+    # -- lifecycle: the clients override the two hooks, not these ---------------------
+
+    def _before_close(self) -> None:
+        """Last words before the sockets close (a subscriber acks what it took)."""
+
+    def _on_clean_exit(self) -> None:
+        """What ``with`` does on a clean exit before closing (a producer flushes)."""
+
+    def close(self) -> None:
+        """Close the client: tell the broker, close the sockets.  Idempotent."""
+        if not self._closed:
+            try:
+                self._before_close()
+            finally:
+                self._closed = True
+                self._close_sockets()
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is None:
+                self._on_clean_exit()
+        finally:
+            self.close()
+
     def _close_sockets(self) -> None:
         self._stop_keepalive.set()
         if self._keepalive_thread is not None:
@@ -266,6 +302,47 @@ class AsyncIO(_ClientBase):
             if not pred() and self._broker_silent(time.monotonic()):
                 raise self._unavailable(what)
         return True
+
+    # -- lifecycle: the clients override the hooks, not these ------------------------------
+
+    async def connect(self: _A) -> _A:
+        """Handshake with the broker; :class:`BrokerUnavailableError` within ``timeout``."""
+        await self._connect()
+        self._after_connect()
+        return self
+
+    def _after_connect(self) -> None:
+        """Open the data sockets once the handshake told us where."""
+
+    def _before_close(self) -> None:
+        """Last words before the sockets close."""
+
+    async def _on_clean_exit(self) -> None:
+        """What ``async with`` does on a clean exit before closing."""
+
+    async def aclose(self) -> None:
+        """Close the client: tell the broker, stop the tasks, close the sockets."""
+        if not self._closed:
+            try:
+                self._before_close()
+            finally:
+                self._closed = True
+                await self._close_sockets()
+
+    async def __aenter__(self: _A) -> _A:
+        return await self.connect()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is None:
+                await self._on_clean_exit()
+        finally:
+            await self.aclose()
 
     async def _close_sockets(self) -> None:
         for task in self._tasks:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 from datetime import timedelta
-from types import TracebackType
 from typing import Any
 
 import zmq
@@ -129,23 +128,6 @@ class Admin(_AdminLogic, SyncIO):
         stats: BrokerStats = BrokerStats.from_wire(self._call("stats", {}))
         return stats
 
-    def close(self) -> None:
-        """Close the socket."""
-        if not self._closed:
-            self._closed = True
-            self._close_sockets()
-
-    def __enter__(self) -> Admin:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 class AsyncAdmin(_AdminLogic, AsyncIO):
     """:class:`Admin` for asyncio: ``async with AsyncAdmin(broker) as admin``."""
@@ -158,11 +140,6 @@ class AsyncAdmin(_AdminLogic, AsyncIO):
         context: zmq.asyncio.Context | None = None,
     ) -> None:
         AsyncIO.__init__(self, broker, timeout, context)
-
-    async def connect(self) -> AsyncAdmin:
-        """Handshake with the broker."""
-        await self._connect()
-        return self
 
     async def _call(self, op: str, args: dict[str, Any]) -> Any:
         self._check_open()
@@ -231,20 +208,3 @@ class AsyncAdmin(_AdminLogic, AsyncIO):
         """See :meth:`Admin.stats`."""
         stats: BrokerStats = BrokerStats.from_wire(await self._call("stats", {}))
         return stats
-
-    async def aclose(self) -> None:
-        """Close the socket and stop the tasks."""
-        if not self._closed:
-            self._closed = True
-            await self._close_sockets()
-
-    async def __aenter__(self) -> AsyncAdmin:
-        return await self.connect()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable
-from types import TracebackType
 from typing import Any
 
 import zmq
@@ -184,26 +183,8 @@ class Producer(_ProducerLogic, SyncIO):
         self._check_open()
         return self._wait(lambda: self._state.is_closed(stream_id), timeout, "wait_closed")
 
-    def close(self) -> None:
-        """Close the sockets (events not yet answered may be lost: ``flush`` first)."""
-        if not self._closed:
-            self._closed = True
-            self._close_sockets()
-
-    def __enter__(self) -> Producer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            if exc_type is None:
-                self.flush(timeout=self.timeout)
-        finally:
-            self.close()
+    def _on_clean_exit(self) -> None:
+        self.flush(timeout=self.timeout)
 
 
 class AsyncProducer(_ProducerLogic, AsyncIO):
@@ -226,14 +207,11 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
         self._flush_scheduled = False
         self._push: zmq.asyncio.Socket | None = None
 
-    async def connect(self) -> AsyncProducer:
-        """Handshake with the broker; :class:`BrokerUnavailableError` within ``timeout``."""
-        await self._connect()
+    def _after_connect(self) -> None:
         self._push = self._new_socket(zmq.PUSH)
         self._data_socks.append(self._push)
         self._push.connect(self.handshake.ingest)
         self._init_producer()
-        return self
 
     def _push_frame(self, frame: bytes) -> None:
         assert self._push is not None
@@ -297,25 +275,9 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
         self._check_open()
         return await self._wait(lambda: self._state.is_closed(stream_id), timeout, "wait_closed")
 
-    async def aclose(self) -> None:
-        """Close the sockets and stop the tasks."""
-        if not self._closed:
-            self._closed = True
-            if self._pending:
-                self._flush_pending()
-            await self._close_sockets()
+    def _before_close(self) -> None:
+        if self._pending:
+            self._flush_pending()
 
-    async def __aenter__(self) -> AsyncProducer:
-        return await self.connect()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            if exc_type is None:
-                await self.flush(timeout=self.timeout)
-        finally:
-            await self.aclose()
+    async def _on_clean_exit(self) -> None:
+        await self.flush(timeout=self.timeout)

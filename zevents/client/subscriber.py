@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
-from types import TracebackType
 from typing import Any
 
 import zmq
@@ -272,25 +271,8 @@ class Subscriber(_SubscriberLogic, SyncIO):
                 return
             yield event
 
-    def close(self) -> None:
-        """Acknowledge what was taken, then close the sockets."""
-        if not self._closed:
-            try:
-                self._send_pending(time.monotonic(), idle=True)
-            finally:
-                self._closed = True
-                self._close_sockets()
-
-    def __enter__(self) -> Subscriber:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    def _before_close(self) -> None:
+        self._send_pending(time.monotonic(), idle=True)  # acknowledge what was taken
 
 
 class AsyncSubscription:
@@ -328,14 +310,11 @@ class AsyncSubscriber(_SubscriberLogic, AsyncIO):
         AsyncIO.__init__(self, broker, timeout, context)
         self._init_subscriber()
 
-    async def connect(self) -> AsyncSubscriber:
-        """Handshake with the broker; :class:`BrokerUnavailableError` within ``timeout``."""
-        await self._connect()
+    def _after_connect(self) -> None:
         self._sub = self._new_socket(zmq.SUB)
         self._data_socks.append(self._sub)
         self._sub.connect(self.handshake.publish)
         self._start_reader(self._sub, self._on_publish)
-        return self
 
     def _on_tick(self, now: float) -> None:
         self._state.on_tick(now)
@@ -399,22 +378,5 @@ class AsyncSubscriber(_SubscriberLogic, AsyncIO):
                 return
             yield event
 
-    async def aclose(self) -> None:
-        """Acknowledge what was taken, then close the sockets and stop the tasks."""
-        if not self._closed:
-            try:
-                self._send_pending(time.monotonic(), idle=True)
-            finally:
-                self._closed = True
-                await self._close_sockets()
-
-    async def __aenter__(self) -> AsyncSubscriber:
-        return await self.connect()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+    def _before_close(self) -> None:
+        self._send_pending(time.monotonic(), idle=True)  # acknowledge what was taken
