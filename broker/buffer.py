@@ -32,6 +32,10 @@ from zevents.stream import BackpressurePolicy
 
 __all__ = ["StreamBuffer"]
 
+# Shared stand-ins for a stream that never parked anything (never mutated).
+_NO_PARKED: deque[tuple[bytes, int, bytes]] = deque(maxlen=0)
+_NO_PARKED_BY: dict[bytes, int] = {}
+
 
 class StreamBuffer:
     """The broker's state for one stream (see the module docstring for the rules)."""
@@ -80,8 +84,9 @@ class StreamBuffer:
         self.ever_subscribed = False
         self._gate = 0  # min(cursors.values()), kept current by _regate
         # BLOCK events waiting for room: (producer client ID, pseq, raw event).
-        self.parked: deque[tuple[bytes, int, bytes]] = deque()
-        self.parked_by: dict[bytes, int] = {}  # producer client ID -> its parked events
+        # Both made on first use: most streams never park, and an empty deque is 760 bytes.
+        self.parked: deque[tuple[bytes, int, bytes]] = _NO_PARKED
+        self.parked_by: dict[bytes, int] = _NO_PARKED_BY  # producer -> its parked events
         self.producers: dict[bytes, int] = {}  # producer client ID -> last pseq processed
         self.unpublished: list[bytes] = []  # admitted since the last publish
         self.unpublished_seq = 0  # seq of unpublished[0]
@@ -220,8 +225,33 @@ class StreamBuffer:
 
     def park(self, client_id: bytes, pseq: int, raw: bytes) -> None:
         """Hold a BLOCK event until there is room."""
+        if self.parked is _NO_PARKED:
+            self.parked = deque()
+            self.parked_by = {}
         self.parked.append((client_id, pseq, raw))
         self.parked_by[client_id] = self.parked_by.get(client_id, 0) + 1
+
+    def room(self) -> int:
+        """How many events :meth:`admit_batch` would take now."""
+        events = len(self.events)
+        free = self.buffer_size - events
+        if not self.cursors:
+            return free + events if self.ever_subscribed else free
+        return free + min(max(self._gate - self.base_seq + 1, 0), events)
+
+    def unpark_batch(self, n: int) -> list[tuple[bytes, int, bytes]]:
+        """The ``n`` oldest held events."""
+        parked = self.parked
+        popleft = parked.popleft
+        items = [popleft() for _ in range(min(n, len(parked)))]
+        by = self.parked_by
+        for client, _, _ in items:
+            left = by[client] - 1
+            if left:
+                by[client] = left
+            else:
+                del by[client]
+        return items
 
     def unpark(self) -> tuple[bytes, int, bytes]:
         """The oldest held event."""

@@ -77,6 +77,7 @@ class BrokerCore:
             clock=clock,
         )
         self._clients: dict[bytes, float] = {}  # client ID -> last heard (clock)
+        self._ids: dict[bytes, bytes] = {}  # interned producer client IDs
         self._subs: dict[bytes, set[str]] = {}  # client ID -> streams it has cursors on
         # Timed-out subscribers: (when, streams); an ack from one re-registers its cursor.
         self._lapsed: dict[bytes, tuple[float, set[str]]] = {}
@@ -169,7 +170,8 @@ class BrokerCore:
         except ZEventsError as exc:  # no reply address is known: count and log
             self.bad_input("ingest", exc)
             return
-        client = hdr.client_id
+        # One bytes object per client ID, however many streams remember it.
+        client = self._ids.setdefault(hdr.client_id, hdr.client_id)
         sid = hdr.stream_id
         if not 1 <= hdr.first_pseq <= MAX_PSEQ or hdr.body_start >= len(frame):
             err: ZEventsError = ProtocolError(
@@ -324,13 +326,21 @@ class BrokerCore:
         self._nack(client, sid, first, first + max(count, 1) - 1, exc)
 
     def _admit_parked(self, stream: StreamBuffer) -> None:
-        parked = stream.parked
-        while parked and stream.has_room():
-            client, pseq, raw = stream.unpark()
-            stream.admit(raw)
+        """Room was made: admit held events, in order, as many as fit, in one batch."""
+        latest: dict[bytes, int] = {}
+        while stream.parked:
+            # Room is counted before admitting; evicting what everyone acked may make more.
+            items = stream.unpark_batch(stream.room())
+            if not items:
+                break
+            stream.admit_batch([raw for _, _, raw in items])
+            for client, pseq, _ in items:
+                latest[client] = pseq  # pseqs rise per client: the last one answers all
+        if not latest:
+            return
+        for client, pseq in latest.items():
             self._ack(client, stream.stream_id, pseq)
-        if stream.unpublished:
-            self._dirty[stream.stream_id] = stream
+        self._dirty[stream.stream_id] = stream
 
     # -- subscriptions on the publish socket ------------------------------------------
 

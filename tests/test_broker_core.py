@@ -968,6 +968,24 @@ def test_subscriber_timeout_removes_cursor_and_unblocks_parked(clock: FakeClock)
     assert of_kind(b.flush()[1], "hb", S) == [["hb", b.core.broker_id, []]]  # no cursor: no heads
 
 
+def test_last_subscriber_timing_out_admits_more_parked_than_the_buffer_holds(
+    clock: FakeClock,
+) -> None:
+    b = Broker(clock, buffer_size=2, subscriber_timeout=5)
+    b.ok(A, "create", {"stream": "s"})
+    b.subscribed(S, "s")
+    b.ingest("s", 1, [ev(i) for i in range(1, 8)])  # 2 admitted, 5 parked
+    b.flush()
+    assert b.info("s").parked == 5
+    clock.advance(6)
+    b.core.on_tick()  # S is gone: nobody gates, so every parked event goes in
+    pub, ctl = b.flush()
+    assert acks_of(ctl) == [["s", 7]]
+    assert [seqs for *_, seqs in published(pub)] == [[f"t{i}" for i in range(3, 8)]]
+    info = b.info("s")
+    assert (info.subscribers, info.parked, info.last_seq, info.first_seq) == (0, 0, 7, 6)
+
+
 def test_subscriber_timeout_only_after_silence(clock: FakeClock) -> None:
     b = Broker(clock, buffer_size=1, subscriber_timeout=5)
     b.ok(A, "create", {"stream": "s"})

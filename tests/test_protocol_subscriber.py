@@ -462,25 +462,25 @@ def test_heads_ignore_unknown_inactive_and_malformed_entries() -> None:
 
 def test_acks_only_what_was_taken() -> None:
     sub = subscribed(1, 5)
-    assert sub.acks(100.0, idle=True) == []  # nothing taken yet
+    assert sub.acks(100.0, force=True) == []  # nothing taken yet
     sub.next_event()
     sub.next_event()
-    assert sub.acks(100.0, idle=True) == ["s", 2]
-    assert sub.acks(200.0, idle=True) == []  # nothing new
+    assert sub.acks(100.0, force=True) == ["s", 2]
+    assert sub.acks(200.0, force=True) == []  # nothing new
 
 
-def test_ack_idle_flush_vs_interval() -> None:
+def test_ack_force_flush_vs_interval() -> None:
     sub = SubscriberState(ack_interval=0.05)
     sub.add("s")
     sub.on_replay(replay(1, 10), subscribed=True)
     sub.next_event()
-    assert sub.acks(100.0, idle=True) == ["s", 1]  # sets the interval's start
+    assert sub.acks(100.0, force=True) == ["s", 1]  # sets the interval's start
     sub.next_event()
-    assert sub.acks(100.01, idle=False) == []  # too soon, below threshold
-    assert sub.acks(100.02, idle=True) == ["s", 2]  # about to wait: flush now
+    assert sub.acks(100.01, force=False) == []  # too soon, below threshold
+    assert sub.acks(100.02, force=True) == ["s", 2]  # closing: flush now
     sub.next_event()
-    assert sub.acks(100.03, idle=False) == []
-    assert sub.acks(100.08, idle=False) == ["s", 3]  # interval passed
+    assert sub.acks(100.03, force=False) == []
+    assert sub.acks(100.08, force=False) == ["s", 3]  # interval passed
 
 
 def test_ack_at_half_buffer_even_within_interval() -> None:
@@ -488,12 +488,12 @@ def test_ack_at_half_buffer_even_within_interval() -> None:
     sub.add("s")
     sub.on_replay(replay(1, 30, buffer_size=20), subscribed=True)
     sub.next_event()
-    assert sub.acks(100.0, idle=True) == ["s", 1]
+    assert sub.acks(100.0, force=True) == ["s", 1]
     for _ in range(9):
         sub.next_event()
-    assert sub.acks(100.001, idle=False) == []  # 9 since the last ack: below 20 // 2
+    assert sub.acks(100.001, force=False) == []  # 9 since the last ack: below 20 // 2
     sub.next_event()
-    assert sub.acks(100.002, idle=False) == ["s", 11]  # 10 taken: half the buffer
+    assert sub.acks(100.002, force=False) == ["s", 11]  # 10 taken: half the buffer
 
 
 def test_acks_cover_many_streams() -> None:
@@ -503,7 +503,7 @@ def test_acks_cover_many_streams() -> None:
         sub.on_replay(replay(1, 3, sid=sid), subscribed=True)
     take_all(sub, "a")
     sub.next_event("b")
-    flat = sub.acks(100.0, idle=True)
+    flat = sub.acks(100.0, force=True)
     assert dict(zip(flat[::2], flat[1::2], strict=True)) == {"a": 3, "b": 1}
 
 
@@ -511,9 +511,9 @@ def test_resume_does_not_ack_below_from_seq_but_acks_from_there() -> None:
     sub = SubscriberState()
     sub.add("s")
     sub.on_replay(replay(50, 2, 51), subscribed=True)
-    assert sub.acks(100.0, idle=True) == []
+    assert sub.acks(100.0, force=True) == []
     sub.next_event()
-    assert sub.acks(100.0, idle=True) == ["s", 50]
+    assert sub.acks(100.0, force=True) == ["s", 50]
 
 
 # -- many streams on one connection ------------------------------------------------------------
@@ -555,7 +555,7 @@ def test_no_acks_for_a_removed_stream() -> None:
     sub = subscribed(1, 3)
     sub.next_event()
     sub.remove("s")
-    assert sub.acks(100.0, idle=True) == []
+    assert sub.acks(100.0, force=True) == []
 
 
 def test_resume_points_of_unfinished_streams() -> None:
@@ -632,7 +632,7 @@ def test_any_interleaving_delivers_every_seq_once_in_order(
             sub.on_replay(result, subscribed=subscribed_)
         elif step == 4:
             got += seqs(sub)
-            flat = sub.acks(now, idle=True)
+            flat = sub.acks(now, force=True)
             if flat:
                 acked = flat[1]
         elif step == 5 and acked < broker.last:

@@ -235,9 +235,25 @@ class Event:
         return event
 
     @classmethod
+    def _text_event(cls, kind: EventType, key: str, text: str) -> Event:
+        # The hot factories: a str makes the event valid by construction, so it is
+        # checked alone and the event built without a second, full validation.
+        if type(text) is not str:
+            raise InvalidEventError(
+                f"{kind.value} data[{key!r}] must be str, not {type(text).__name__}"
+            )
+        event = cls.__new__(cls)
+        event.type = kind
+        event.data = {key: text}
+        event.timestamp = utc_now()
+        event.seq = None
+        event.stream_id = None
+        return event
+
+    @classmethod
     def text_delta(cls, text: str) -> Event:
         """An incremental chunk of answer text."""
-        return cls.new(EventType.TEXT_DELTA, {"text": text})
+        return cls._text_event(EventType.TEXT_DELTA, "text", text)
 
     @classmethod
     def content_start(cls, index: int) -> Event:
@@ -281,7 +297,7 @@ class Event:
     @classmethod
     def thinking(cls, text: str) -> Event:
         """A chunk of the model's extended thinking."""
-        return cls.new(EventType.THINKING, {"thinking": text})
+        return cls._text_event(EventType.THINKING, "thinking", text)
 
     # -- dict and JSON ------------------------------------------------------
 

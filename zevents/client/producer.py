@@ -142,7 +142,10 @@ class Producer(_ProducerLogic, SyncIO):
         validate_stream_id(stream_id)
         raws = self._encode(stream_id, events)
         state = self._state
-        self._pump(0)
+        with self._io_lock:  # the keepalive thread shares the control socket
+            waiting = int(self._ctl.getsockopt(zmq.EVENTS)) & zmq.POLLIN
+        if waiting:  # cheaper than a poll per send
+            self._pump(0)
         state.check(stream_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         i = 0
@@ -169,7 +172,7 @@ class Producer(_ProducerLogic, SyncIO):
         state = self._state
         if not self._wait(lambda: state.unanswered(stream_id) == 0, timeout, "flush"):
             raise TimeoutError(f"flush: {state.unanswered(stream_id)} events still unanswered")
-        for sid in [stream_id] if stream_id is not None else list(state._streams):
+        for sid in [stream_id] if stream_id is not None else state.stream_ids():
             if not state.is_closed(sid):
                 state.check(sid)
 
@@ -266,7 +269,7 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
         state = self._state
         if not await self._wait(lambda: state.unanswered(stream_id) == 0, timeout, "flush"):
             raise TimeoutError(f"flush: {state.unanswered(stream_id)} events still unanswered")
-        for sid in [stream_id] if stream_id is not None else list(state._streams):
+        for sid in [stream_id] if stream_id is not None else state.stream_ids():
             if not state.is_closed(sid):
                 state.check(sid)
 

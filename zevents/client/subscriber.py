@@ -125,9 +125,9 @@ class _SubscriberLogic(_ClientBase):
     def _after_pump(self) -> None:
         now = time.monotonic()
         self._state.on_tick(now)
-        self._send_pending(now, idle=False)
+        self._send_pending(now, force=False)
 
-    def _send_pending(self, now: float, idle: bool) -> None:
+    def _send_pending(self, now: float, force: bool = False) -> None:
         for sid in self._state.take_completed():
             # Its end (or error) is in: stop listening, stop gating its buffer.
             self._sub.unsubscribe(frames.topic(sid))
@@ -135,7 +135,7 @@ class _SubscriberLogic(_ClientBase):
         for fetch in self._state.take_fetches():
             args = {"stream": fetch.stream_id, "from_seq": fetch.from_seq}
             self._request("fetch", args, ("fetch", fetch.stream_id))
-        flat = self._state.acks(now, idle)
+        flat = self._state.acks(now, force)
         if flat:
             self._send_control(frames.encode_control("ack", flat))
 
@@ -246,16 +246,18 @@ class Subscriber(_SubscriberLogic, SyncIO):
             event = state.next_event(stream_id)
             if event is not None:
                 if state.ack_due:
-                    flat = state.acks(time.monotonic(), idle=False)
+                    flat = state.acks(time.monotonic(), force=False)
                     if flat:
                         self._send_control(frames.encode_control("ack", flat))
                 return event
             if state.finished(stream_id):
-                self._send_pending(time.monotonic(), idle=True)
+                self._send_pending(time.monotonic())
                 return None
             now = time.monotonic()
-            self._send_pending(now, idle=True)
+            self._send_pending(now)
             step = self._session.heartbeat_interval / 2
+            if state.acks_pending():  # wake up in time to send them
+                step = min(step, state.ack_interval)
             if deadline is not None:
                 if now >= deadline:
                     raise TimeoutError("next_event: timed out")
@@ -272,7 +274,7 @@ class Subscriber(_SubscriberLogic, SyncIO):
             yield event
 
     def _before_close(self) -> None:
-        self._send_pending(time.monotonic(), idle=True)  # acknowledge what was taken
+        self._send_pending(time.monotonic(), force=True)  # acknowledge what was taken
 
 
 class AsyncSubscription:
@@ -318,7 +320,7 @@ class AsyncSubscriber(_SubscriberLogic, AsyncIO):
 
     def _on_tick(self, now: float) -> None:
         self._state.on_tick(now)
-        self._send_pending(now, idle=False)
+        self._send_pending(now, force=False)
 
     async def subscribe(
         self,
@@ -354,11 +356,11 @@ class AsyncSubscriber(_SubscriberLogic, AsyncIO):
             event = state.next_event(stream_id)
             if event is not None:
                 if state.ack_due:
-                    flat = state.acks(time.monotonic(), idle=False)
+                    flat = state.acks(time.monotonic(), force=False)
                     if flat:
                         self._send_control(frames.encode_control("ack", flat))
                 return event
-            self._send_pending(time.monotonic(), idle=True)
+            self._send_pending(time.monotonic())
             if state.finished(stream_id):
                 return None
 
@@ -379,4 +381,4 @@ class AsyncSubscriber(_SubscriberLogic, AsyncIO):
             yield event
 
     def _before_close(self) -> None:
-        self._send_pending(time.monotonic(), idle=True)  # acknowledge what was taken
+        self._send_pending(time.monotonic(), force=True)  # acknowledge what was taken

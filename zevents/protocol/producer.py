@@ -61,6 +61,7 @@ class ProducerState:
         self.max_batch = max(max_batch, 1)
         self.max_message_size = max_message_size
         self._streams: dict[str, _Outbound] = {}
+        self._unanswered = 0  # over all streams (flush waits on it; no sum per check)
 
     def _get(self, stream_id: str) -> _Outbound:
         out = self._streams.get(stream_id)
@@ -122,6 +123,7 @@ class ProducerState:
         for i, raw in enumerate(events):
             unacked.append((first + i, raw))
         out.next_pseq = first + len(events)
+        self._unanswered += len(events)
         return frames.encode_ingest(out.topic, self.client_id, first, b"".join(events))
 
     def unanswered(self, stream_id: str | None = None) -> int:
@@ -129,7 +131,7 @@ class ProducerState:
         if stream_id is not None:
             out = self._streams.get(stream_id)
             return 0 if out is None else len(out.unacked)
-        return sum(len(o.unacked) for o in self._streams.values())
+        return self._unanswered
 
     def resend(self) -> list[bytes]:
         """Frames carrying every unanswered event again (after a broker restart).
@@ -174,15 +176,19 @@ class ProducerState:
             if out is None:
                 continue
             unacked = out.unacked
+            before = len(unacked)
             while unacked and unacked[0][0] <= through:
                 unacked.popleft()
+            self._unanswered -= before - len(unacked)
 
     def _on_nack(self, msg: list[Any]) -> None:
         _, sid, first, last, code, text, fields = msg[:7]
         out = self._streams.get(sid)
         if out is None:
             return
+        before = len(out.unacked)
         out.unacked = deque((p, raw) for p, raw in out.unacked if not first <= p <= last)
+        self._unanswered -= before - len(out.unacked)
         err = error_from_wire(code, text, fields if isinstance(fields, dict) else {})
         if isinstance(err, StreamClosedError):
             out.closed = True
@@ -194,6 +200,7 @@ class ProducerState:
         if out.closed:
             return []
         out.closed = True
+        self._unanswered -= len(out.unacked)
         out.unacked.clear()
         return [StreamClosed(sid, last_seq)]
 
@@ -204,4 +211,10 @@ class ProducerState:
 
     def forget(self, stream_id: str) -> None:
         """Drop our state for ``stream_id`` (a new stream of that name starts afresh)."""
-        self._streams.pop(stream_id, None)
+        out = self._streams.pop(stream_id, None)
+        if out is not None:
+            self._unanswered -= len(out.unacked)
+
+    def stream_ids(self) -> list[str]:
+        """The streams we have sent to."""
+        return list(self._streams)

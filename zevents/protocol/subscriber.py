@@ -86,6 +86,7 @@ class SubscriberState:
         self._fetches: list[Fetch] = []
         self.order: deque[Cursor] = deque()  # cursors that may have ready events
         self._unacked: dict[str, Cursor] = {}  # cursors with taken > acked
+        self._reported: dict[str, Cursor] = {}  # cursors with a heartbeat head pending
         #: Half a buffer was taken somewhere since its last ack: acks() has work now.
         self.ack_due = False
 
@@ -182,6 +183,7 @@ class SubscriberState:
                 self._wake(cursor)
             elif cursor.next_seq <= last and cursor.reported is None:
                 cursor.reported = (last, now)
+                self._reported[sid] = cursor
 
     def _batch(self, cursor: Cursor, first: int, events: list[dict[str, Any]]) -> None:
         if not events or not cursor.active:
@@ -238,11 +240,16 @@ class SubscriberState:
 
     def on_tick(self, now: float) -> None:
         """Turn heads reported long enough ago (and still not reached) into fetches."""
-        for cursor in self.cursors.values():
+        if not self._reported:
+            return
+        for sid, cursor in list(self._reported.items()):
             rep = cursor.reported
-            if rep is not None and now - rep[1] >= GAP_GRACE:
+            if rep is None:
+                del self._reported[sid]
+            elif now - rep[1] >= GAP_GRACE:
                 cursor.reported = None
-                if cursor.next_seq <= rep[0]:
+                del self._reported[sid]
+                if cursor.next_seq <= rep[0] and self.cursors.get(sid) is cursor:
                     self._raise_head(cursor, rep[0])
                     self._need(cursor)
 
@@ -308,13 +315,16 @@ class SubscriberState:
             return cursor is None or cursor.finished
         return all(c.finished for c in self.cursors.values())
 
-    def acks(self, now: float, idle: bool) -> list[Any]:
+    def acks(self, now: float, force: bool = False) -> list[Any]:
         """``[stream, seq, ...]`` to acknowledge now, or ``[]``.
 
-        Acks go when the application is about to wait (``idle``), when half a
-        buffer was taken since the last ack, or every ``ack_interval``.
+        Acks go when half a buffer was taken since the last ack, and otherwise
+        at most every ``ack_interval``: what fills a buffer is acked at once (a
+        blocked producer never waits on a timer), what trickles is acked in
+        batches of one message per interval.  ``force`` acks everything now
+        (closing).
         """
-        due = idle or now - self._last_ack >= self.ack_interval
+        due = force or now - self._last_ack >= self.ack_interval
         flat: list[Any] = []
         unacked = self._unacked
         for sid, cursor in list(unacked.items()):
@@ -330,6 +340,10 @@ class SubscriberState:
             self._last_ack = now
         self.ack_due = False
         return flat
+
+    def acks_pending(self) -> bool:
+        """Whether something taken is not acknowledged yet."""
+        return bool(self._unacked)
 
     def resume_points(self) -> dict[str, int]:
         """Where each stream not yet complete resumes after a reconnect: its next seq."""
