@@ -79,6 +79,11 @@ _FIELDS: dict[str, tuple[tuple[str, type, bool], ...]] = {
     "Thinking": (("thinking", str, False),),
 }
 
+# The same, keyed by member (a str Enum hashes by name, so it cannot share the dict).
+_FIELDS_OF: dict[EventType, tuple[tuple[str, type, bool], ...]] = {
+    t: _FIELDS[t.value] for t in EventType
+}
+
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
 
@@ -145,12 +150,12 @@ def _check_value(value: Any, path: str, depth: int = 0) -> None:
     raise InvalidEventError(f"{path}: {t.__name__} is not JSON-compatible")
 
 
-def _check_data(type_name: str, data: Any) -> None:
+def _check_data(type_name: str, data: Any, fields: tuple[tuple[str, type, bool], ...]) -> None:
     if data is None:
         raise InvalidEventError("data cannot be None")
     if type(data) is not dict:
         raise InvalidEventError(f"data must be a dict, not {type(data).__name__}")
-    for name, kind, nonneg in _FIELDS[type_name]:
+    for name, kind, nonneg in fields:
         if name not in data:
             raise InvalidEventError(f"{type_name} needs data[{name!r}]")
         v = data[name]
@@ -183,7 +188,7 @@ def check_wire_event(obj: Any) -> None:
         raise InvalidEventError(f"unknown event type {type_name!r}")
     if type(ts) is not datetime:
         raise InvalidEventError("timestamp must be a msgpack timestamp (ext type -1)")
-    _check_data(type_name, data)
+    _check_data(type_name, data, _FIELDS[type_name])
 
 
 @dataclass(slots=True)
@@ -221,7 +226,8 @@ class Event:
             raise InvalidEventError(f"timestamp must be a datetime, not {type(ts).__name__}")
         if ts.tzinfo is None or ts.tzinfo.utcoffset(ts) is None:
             raise InvalidEventError("timestamp must be timezone-aware")
-        _check_data(self.type.value, self.data)
+        kind = self.type
+        _check_data(kind, self.data, _FIELDS_OF[kind])
 
     # -- factories ----------------------------------------------------------
 
@@ -349,7 +355,8 @@ class Event:
         """The event as a msgpack map (timestamp as the standard extension type -1)."""
         self.validate()
         try:
-            return _pack({"type": self.type.value, "data": self.data, "timestamp": self.timestamp})
+            # The member is a str (its wire name): msgpack packs it as one, no .value lookup.
+            return _pack({"type": self.type, "data": self.data, "timestamp": self.timestamp})
         except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidEventError(f"cannot encode as msgpack: {exc}") from exc
 
