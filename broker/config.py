@@ -31,6 +31,7 @@ class BrokerConfig:
     max_message_size: int = 1 << 20  #: largest message accepted, bytes
     max_batch: int = 1024  #: events per publish frame or replay reply
     max_streams: int = 1_000_000  #: streams the broker holds at most
+    ack_delay: float = 0.005  #: how long an owed producer ack may wait to be coalesced
 
     def limits(self) -> dict[str, object]:
         """What the handshake tells clients."""

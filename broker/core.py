@@ -85,6 +85,10 @@ class BrokerCore:
         self._markers: dict[bytes, float] = {}
         self._dirty: dict[str, StreamBuffer] = {}  # streams with unpublished events
         self._acks: dict[bytes, dict[str, int]] = {}  # producer -> stream -> through pseq
+        self._ack_since: dict[bytes, float] = {}  # producer -> when its oldest owed ack was
+        self._ack_owed: dict[bytes, int] = {}  # producer -> events answered, not yet acked
+        self._acks_due: set[bytes] = set()  # producers to ack at the next flush
+        self._ack_every = max(config.window // 4, 1)
         self._drops: dict[bytes, dict[str, int]] = {}  # producer -> stream -> dropped
         self._pub: list[bytes] = []
         self._ctl: list[tuple[bytes, bytes]] = []
@@ -108,6 +112,7 @@ class BrokerCore:
             "unsubscribe": self._op_unsubscribe,
             "fetch": self._op_fetch,
             "bye": self._op_bye,
+            "sync": self._op_sync,
         }
 
     # -- output ---------------------------------------------------------------------
@@ -124,16 +129,24 @@ class BrokerCore:
                 size = found.buffer_size if found is not None else 0
                 self._ctl.append((client, frames.encode_control("dropped", sid, count, size)))
         self._drops.clear()
-        for client, acks in self._acks.items():
-            flat: list[Any] = []
-            for sid, pseq in acks.items():
-                flat.append(sid)
-                flat.append(pseq)
-            self._ctl.append((client, frames.encode_control("ack", self.broker_id, flat)))
-        self._acks.clear()
+        if self._acks:
+            self._flush_acks()
         pub, ctl = self._pub, self._ctl
         self._pub, self._ctl = [], []
         return pub, ctl
+
+    def _flush_acks(self) -> None:
+        late = self.clock() - self.config.ack_delay
+        due = self._acks_due
+        for client in [c for c, since in self._ack_since.items() if c in due or since <= late]:
+            flat: list[Any] = []
+            for sid, pseq in self._acks.pop(client).items():
+                flat.append(sid)
+                flat.append(pseq)
+            del self._ack_since[client]
+            self._ack_owed.pop(client, None)
+            self._ctl.append((client, frames.encode_control("ack", self.broker_id, flat)))
+        due.clear()
 
     def _publish_pending(self, stream: StreamBuffer) -> None:
         if not stream.unpublished:
@@ -247,7 +260,7 @@ class BrokerCore:
         if stream.unpublished:
             self._dirty[stream.stream_id] = stream
         if through:
-            self._ack(client, stream.stream_id, through)
+            self._ack(client, stream.stream_id, through, len(raws))
 
     def _ingest_slowly(
         self,
@@ -306,12 +319,31 @@ class BrokerCore:
         stream.park(client, pseq, raw)
         return through
 
-    def _ack(self, client: bytes, sid: str, pseq: int) -> None:
+    def _ack(self, client: bytes, sid: str, pseq: int, n: int) -> None:
+        """Owe ``client`` a cumulative ack through ``pseq`` (``n`` events answered).
+
+        Acks are coalesced: they go once a quarter of a window is owed (so a
+        producer never waits on them), when the client asks (``sync``, before
+        it waits), or ``config.ack_delay`` after the first one owed.  At a trickle of
+        events that is one ack message per few milliseconds instead of one per
+        event, which saves every process a wake-up per event.
+        """
         per = self._acks.get(client)
         if per is None:
             per = self._acks[client] = {}
+            self._ack_since[client] = self.clock()
         if per.get(sid, 0) < pseq:
             per[sid] = pseq
+        owed = self._ack_owed.get(client, 0) + n
+        self._ack_owed[client] = owed
+        if owed >= self._ack_every:
+            self._acks_due.add(client)
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`flush` will next have something to send on its own (clock time)."""
+        if not self._ack_since:
+            return None
+        return min(self._ack_since.values()) + self.config.ack_delay
 
     def _nack(self, client: bytes, sid: str, first: int, last: int, exc: ZEventsError) -> None:
         # A nack answers first..last on its own; it does not move the cumulative ack.
@@ -339,7 +371,7 @@ class BrokerCore:
         if not latest:
             return
         for client, pseq in latest.items():
-            self._ack(client, stream.stream_id, pseq)
+            self._ack(client, stream.stream_id, pseq, self.config.window)  # wanted: ack now
         self._dirty[stream.stream_id] = stream
 
     # -- subscriptions on the publish socket ------------------------------------------
@@ -578,6 +610,12 @@ class BrokerCore:
         stream.check_available(from_seq)
         stream.touch()
         return self._replay(stream, from_seq)
+
+    def _op_sync(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
+        """A producer is about to wait for answers: send what it is owed now."""
+        if client in self._acks:
+            self._acks_due.add(client)
+        return {}
 
     def _op_bye(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
         """A client closes: it stops gating at once (no waiting for its timeout)."""

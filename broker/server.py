@@ -129,7 +129,11 @@ class Broker:
         noblock = zmq.NOBLOCK
         again = zmq.Again
         while not self._stop.is_set():
-            timeout = max(0.0, next_tick - time.monotonic())
+            wake = next_tick
+            deadline = core.next_deadline()  # owed acks waiting to be coalesced
+            if deadline is not None and deadline < wake:
+                wake = deadline
+            timeout = max(0.0, wake - time.monotonic())
             ready = dict(poller.poll(int(timeout * 1000)))
             if control in ready:
                 for _ in range(_DRAIN):

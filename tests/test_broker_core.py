@@ -86,6 +86,7 @@ class Broker:
 
     def __init__(self, clock: FakeClock | None = None, **config: Any) -> None:
         config.setdefault("buffer_size", 100)
+        config.setdefault("ack_delay", 0.0)  # every flush sends what is owed (tested apart)
         self.clock = clock or FakeClock(time.monotonic())  # same origin as the streams' clock
         self.core = BrokerCore(
             BrokerConfig(**config),
@@ -235,6 +236,26 @@ def test_session_handshake_through_the_core(b: Broker) -> None:
 
 
 # -- ingest, acks, publish -----------------------------------------------------------------
+
+
+def test_acks_are_coalesced_until_a_quarter_window_a_delay_or_a_sync(clock: FakeClock) -> None:
+    b = Broker(clock, ack_delay=0.005)  # window 256: a quarter is 64 events
+    b.ingest("s", 1, [ev(1)])
+    assert acks_of(b.flush()[1]) == []  # one event owed: it may wait
+    clock.advance(0.004)
+    b.ingest("s", 2, [ev(2)])
+    assert acks_of(b.flush()[1]) == []
+    assert b.core.next_deadline() == pytest.approx(clock() + 0.001)
+    clock.advance(0.002)  # the first owed ack is now 6 ms old
+    assert acks_of(b.flush()[1]) == [["s", 2]]
+    assert b.core.next_deadline() is None
+    b.ingest("s", 3, [ev(i) for i in range(3, 67)])  # 64 events: a quarter window
+    assert acks_of(b.flush()[1]) == [["s", 66]]
+    b.ingest("s", 67, [ev(67)])
+    b.send(P, "sync", 9, {})  # the producer is about to wait: ack it now
+    ctl = b.flush()[1]
+    assert acks_of(ctl) == [["s", 67]]
+    assert [m for _, m in ctl if m[0] == "ok"] == [["ok", 9, {}]]
 
 
 def test_ingest_is_acked_with_the_right_pseq_after_flush(b: Broker) -> None:

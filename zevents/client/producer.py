@@ -26,12 +26,14 @@ from ..errors import InvalidEventError
 from ..events import Event
 from ..ids import validate_stream_id
 from ..protocol.producer import ProducerState, StreamClosed
+from ..protocol.session import Reply
 from ._base import DEFAULT_TIMEOUT, _ClientBase
 from ._io import AsyncIO, SyncIO
 
 __all__ = ["AsyncProducer", "Producer", "StreamClosed"]
 
 ClosedCallback = Callable[[StreamClosed], None]
+_SYNC = ("sync",)
 
 
 class _ProducerLogic(_ClientBase):
@@ -64,6 +66,14 @@ class _ProducerLogic(_ClientBase):
                 self._state.check_size(stream_id, raw)
             raws.append(raw)
         return raws
+
+    def _on_reply(self, reply: Reply) -> None:
+        if reply.tag != _SYNC:  # nothing waits for a sync's reply: the acks are the point
+            super()._on_reply(reply)
+
+    def _sync(self) -> None:
+        """About to wait for answers: ask the broker for the acks it is coalescing."""
+        self._request("sync", {}, _SYNC)
 
     def _on_message(self, msg: list[Any]) -> None:
         for closed in self._state.on_message(msg):
@@ -152,6 +162,7 @@ class Producer(_ProducerLogic, SyncIO):
         while i < len(raws):
             room = state.room(stream_id)
             if room <= 0:
+                self._sync()
                 left = None if deadline is None else deadline - time.monotonic()
                 if not self._wait(lambda: state.room(stream_id) > 0, left, "send"):
                     raise TimeoutError(f"stream {stream_id}: send: timed out waiting for room")
@@ -170,6 +181,8 @@ class Producer(_ProducerLogic, SyncIO):
         """
         self._check_open()
         state = self._state
+        if state.unanswered(stream_id):
+            self._sync()
         if not self._wait(lambda: state.unanswered(stream_id) == 0, timeout, "flush"):
             raise TimeoutError(f"flush: {state.unanswered(stream_id)} events still unanswered")
         for sid in [stream_id] if stream_id is not None else state.stream_ids():
@@ -251,6 +264,7 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
             if room <= 0:
                 if self._pending:
                     self._flush_pending()
+                self._sync()
                 left = None if deadline is None else deadline - loop.time()
                 if not await self._wait(lambda: self._room(stream_id) > 0, left, "send"):
                     raise TimeoutError(f"stream {stream_id}: send: timed out waiting for room")
@@ -267,6 +281,8 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
         self._check_open()
         self._flush_pending()
         state = self._state
+        if state.unanswered(stream_id):
+            self._sync()
         if not await self._wait(lambda: state.unanswered(stream_id) == 0, timeout, "flush"):
             raise TimeoutError(f"flush: {state.unanswered(stream_id)} events still unanswered")
         for sid in [stream_id] if stream_id is not None else state.stream_ids():
