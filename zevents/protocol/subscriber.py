@@ -87,6 +87,7 @@ class SubscriberState:
         self.order: deque[Cursor] = deque()  # cursors that may have ready events
         self._unacked: dict[str, Cursor] = {}  # cursors with taken > acked
         self._reported: dict[str, Cursor] = {}  # cursors with a heartbeat head pending
+        self._ending: dict[str, Cursor] = {}  # cursors that learnt their end or an error
         #: Half a buffer was taken somewhere since its last ack: acks() has work now.
         self.ack_due = False
 
@@ -109,9 +110,12 @@ class SubscriberState:
         """Streams that reached their end or failed since the last call: the client
         stops listening to them (their remaining events stay to be taken)."""
         done = []
-        for sid, cursor in self.cursors.items():
-            if not cursor.retired and cursor.active and cursor.complete:
+        for sid, cursor in list(self._ending.items()):
+            if self.cursors.get(sid) is not cursor or cursor.retired:
+                del self._ending[sid]
+            elif cursor.active and cursor.complete:
                 cursor.retired = True
+                del self._ending[sid]
                 done.append(sid)
         return done
 
@@ -132,6 +136,7 @@ class SubscriberState:
         last = int(result["last_seq"])
         if result.get("closed"):
             cursor.end_seq = last
+            self._ending[cursor.stream_id] = cursor
         self._raise_head(cursor, last)
         if result.get("count"):
             self._batch(cursor, first, frames.split_events(result["events"]))
@@ -145,6 +150,7 @@ class SubscriberState:
         if cursor is not None:
             cursor.fetching = False
             cursor.error = error
+            self._ending[stream_id] = cursor
             self._wake(cursor)
 
     # -- live traffic -------------------------------------------------------------------
@@ -157,6 +163,7 @@ class SubscriberState:
             return
         if kind == frames.KIND_END:
             cursor.end_seq = seq
+            self._ending[stream_id] = cursor
             self._raise_head(cursor, seq)
             self._need(cursor)
             self._wake(cursor)
@@ -180,6 +187,7 @@ class SubscriberState:
                 continue
             if closed and cursor.end_seq is None and cursor.next_seq > last:
                 cursor.end_seq = last  # we have it all; only the end marker was lost
+                self._ending[sid] = cursor
                 self._wake(cursor)
             elif cursor.next_seq <= last and cursor.reported is None:
                 cursor.reported = (last, now)
