@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -137,6 +138,25 @@ class _ClientBase:
         return BrokerUnavailableError(
             f"broker at {self.broker} did not answer {what} within {self.timeout:g}s"
         )
+
+    def _wait_step(self, deadline: float | None, what: str, required: bool) -> float | None:
+        """How long the next wait inside ``_wait`` may be; None once ``deadline``
+        passed (or :class:`BrokerUnavailableError` if the answer was ``required``)."""
+        step = self._session.heartbeat_interval
+        if deadline is None:
+            return step
+        left = deadline - time.monotonic()
+        if left <= 0:
+            if required:
+                raise self._unavailable(what)
+            return None
+        return min(step, left)
+
+    def _check_alive(self, pred: Callable[[], bool], what: str) -> None:
+        """After a wait: raise if the broker has left us waiting too long.  Judged
+        after pumping, so answers queued while we were away count."""
+        if not pred() and self._broker_silent(time.monotonic()):
+            raise self._unavailable(what)
 
     def _broker_silent(self, now: float) -> bool:
         """We have waited long enough for the broker to say anything to call it gone."""

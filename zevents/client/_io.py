@@ -32,6 +32,17 @@ def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
+def _drain(sock: zmq.Socket[Any], handler: Callable[[bytes], None]) -> None:
+    """Hand everything queued on ``sock`` to ``handler`` (a bounded number, so one
+    busy socket cannot starve the others)."""
+    for _ in range(4096):
+        try:
+            frame = sock.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        handler(frame)
+
+
 class SyncIO(_ClientBase):
     """Sockets driven from the caller's thread, during calls.
 
@@ -110,13 +121,7 @@ class SyncIO(_ClientBase):
                 self._send_control(self._session.heartbeat(now))
             ready = self._poller.poll(int(max(timeout, 0.0) * 1000))
             for sock, _ in ready:
-                handler = self._on_control if sock is self._ctl else self._data_socks[sock]
-                for _ in range(4096):
-                    try:
-                        frame = sock.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    handler(frame)
+                _drain(sock, self._on_control if sock is self._ctl else self._data_socks[sock])
             self._after_pump()
 
     def _after_pump(self) -> None:
@@ -138,18 +143,11 @@ class SyncIO(_ClientBase):
         """
         deadline = _deadline(timeout)
         while not pred():
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                if required:
-                    raise self._unavailable(what)
+            step = self._wait_step(deadline, what, required)
+            if step is None:
                 return False
-            step = self._session.heartbeat_interval
-            if deadline is not None:
-                step = min(step, deadline - now)
             self._pump(step)
-            # Judged after pumping: answers queued while we were away count.
-            if not pred() and self._broker_silent(time.monotonic()):
-                raise self._unavailable(what)
+            self._check_alive(pred, what)
         return True
 
     # -- lifecycle: the clients override the two hooks, not these ---------------------
@@ -236,13 +234,7 @@ class AsyncIO(_ClientBase):
         while True:
             frame = await sock.recv()
             handler(frame)
-            # Take what else is already queued before waking anyone: batches acks too.
-            for _ in range(4096):
-                try:
-                    frame = raw.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                handler(frame)
+            _drain(raw, handler)  # what else is queued, before waking anyone
             self._after_pump()
             self._notify()
 
@@ -286,21 +278,14 @@ class AsyncIO(_ClientBase):
         required: bool = False,
     ) -> bool:
         """Await until ``pred()`` holds; False at the timeout (see :meth:`SyncIO._wait`)."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = _deadline(timeout)
         while not pred():
-            now = loop.time()
-            if deadline is not None and now >= deadline:
-                if required:
-                    raise self._unavailable(what)
+            step = self._wait_step(deadline, what, required)
+            if step is None:
                 return False
-            step = self._session.heartbeat_interval
-            if deadline is not None:
-                step = min(step, deadline - now)
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), step)
-            if not pred() and self._broker_silent(time.monotonic()):
-                raise self._unavailable(what)
+            self._check_alive(pred, what)
         return True
 
     # -- lifecycle: the clients override the hooks, not these ------------------------------
