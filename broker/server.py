@@ -29,6 +29,7 @@ log = logging.getLogger("zevents.broker")
 _DRAIN = 2048  # messages taken from one socket per round before the others get a turn
 _TICK = 0.1  # seconds between timer passes
 _HWM = 100_000
+_INGEST_HWM = 1_000
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -66,6 +67,9 @@ class Broker:
         self.control = self._socket(zmq.ROUTER, maxsize)
         self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.ingest = self._socket(zmq.PULL, maxsize)
+        # Ingest waits in the producers' queues, not ours: a deep queue here only
+        # raises the broker's peak memory (the credit window already bounds a stream).
+        self.ingest.setsockopt(zmq.RCVHWM, _INGEST_HWM)
         self.publish = self._socket(zmq.XPUB, 1 << 16)
         try:
             self.endpoints = {
