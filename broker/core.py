@@ -78,6 +78,7 @@ class BrokerCore:
         )
         self._clients: dict[bytes, float] = {}  # client ID -> last heard (clock)
         self._ids: dict[bytes, bytes] = {}  # interned producer client IDs
+        self._producing: dict[bytes, set[str]] = {}  # producer -> streams it sent to
         self._subs: dict[bytes, set[str]] = {}  # client ID -> streams it has cursors on
         # Timed-out subscribers: (when, streams); an ack from one re-registers its cursor.
         self._lapsed: dict[bytes, tuple[float, set[str]]] = {}
@@ -255,6 +256,8 @@ class BrokerCore:
             through = self._ingest_slowly(stream, client, first, last, raws, errors)
         end = first + len(raws) - 1
         if end > last:
+            if not last:  # this producer's first events here
+                self._producing.setdefault(client, set()).add(stream.stream_id)
             stream.producers[client] = end
         stream.touch()
         if stream.unpublished:
@@ -612,7 +615,17 @@ class BrokerCore:
         return self._replay(stream, from_seq)
 
     def _op_sync(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
-        """A producer is about to wait for answers: send what it is owed now."""
+        """A producer is about to wait for answers: ack everything answered so far,
+        on every stream it sent to (owed or not: an ack lost on the way is repaired)."""
+        for sid in self._producing.get(client, ()):
+            stream = self.streams.find(sid)
+            if stream is None:
+                continue
+            through = stream.producers.get(client, 0)
+            if client in stream.parked_by:  # answered: everything before its first parked
+                through = next(p for c, p, _ in stream.parked if c == client) - 1
+            if through > 0:
+                self._ack(client, sid, through, 0)
         if client in self._acks:
             self._acks_due.add(client)
         return {}
@@ -733,6 +746,12 @@ class BrokerCore:
         if stream is None:
             return
         self._removed_in += stream.events_in
+        for client in stream.producers:
+            producing = self._producing.get(client)
+            if producing is not None:
+                producing.discard(sid)
+                if not producing:
+                    del self._producing[client]
         for client in stream.cursors:
             subs = self._subs.get(client)
             if subs is not None:

@@ -258,6 +258,20 @@ def test_acks_are_coalesced_until_a_quarter_window_a_delay_or_a_sync(clock: Fake
     assert [m for _, m in ctl if m[0] == "ok"] == [["ok", 9, {}]]
 
 
+def test_sync_acks_again_what_was_answered_but_not_past_a_parked_event(clock: FakeClock) -> None:
+    b = Broker(clock, buffer_size=2)
+    b.subscribed(S, "s")
+    b.ingest("s", 1, [ev(1), ev(2), ev(3)])  # 3 is parked: the stream holds 2
+    b.ingest("t", 1, [ev(1)])
+    (first,) = acks_of(b.flush()[1])
+    assert dict(zip(first[::2], first[1::2], strict=True)) == {"s": 2, "t": 1}
+    b.send(P, "sync", 4, {})  # as if those acks were lost: they come again
+    (ack,) = acks_of(b.flush()[1])
+    assert dict(zip(ack[::2], ack[1::2], strict=True)) == {"s": 2, "t": 1}  # never past parked 3
+    b.ack(S, "s", 2)  # room: 3 goes in and is acked
+    assert acks_of(b.flush()[1]) == [["s", 3]]
+
+
 def test_ingest_is_acked_with_the_right_pseq_after_flush(b: Broker) -> None:
     b.ingest("s", 1, [ev(1), ev(2), ev(3)])
     pub, ctl = b.flush()

@@ -34,6 +34,7 @@ __all__ = ["AsyncProducer", "Producer", "StreamClosed"]
 
 ClosedCallback = Callable[[StreamClosed], None]
 _SYNC = ("sync",)
+_RESYNC = 3  # heartbeats between two syncs while waiting for answers
 
 
 class _ProducerLogic(_ClientBase):
@@ -162,9 +163,8 @@ class Producer(_ProducerLogic, SyncIO):
         while i < len(raws):
             room = state.room(stream_id)
             if room <= 0:
-                self._sync()
                 left = None if deadline is None else deadline - time.monotonic()
-                if not self._wait(lambda: state.room(stream_id) > 0, left, "send"):
+                if not self._wait_answers(lambda: state.room(stream_id) > 0, left, "send"):
                     raise TimeoutError(f"stream {stream_id}: send: timed out waiting for room")
                 state.check(stream_id)
                 continue
@@ -181,9 +181,7 @@ class Producer(_ProducerLogic, SyncIO):
         """
         self._check_open()
         state = self._state
-        if state.unanswered(stream_id):
-            self._sync()
-        if not self._wait(lambda: state.unanswered(stream_id) == 0, timeout, "flush"):
+        if not self._wait_answers(lambda: state.unanswered(stream_id) == 0, timeout, "flush"):
             raise TimeoutError(f"flush: {state.unanswered(stream_id)} events still unanswered")
         for sid in [stream_id] if stream_id is not None else state.stream_ids():
             if not state.is_closed(sid):
@@ -198,6 +196,20 @@ class Producer(_ProducerLogic, SyncIO):
         """Wait until the broker says ``stream_id`` closed; False at the timeout."""
         self._check_open()
         return self._wait(lambda: self._state.is_closed(stream_id), timeout, "wait_closed")
+
+    def _wait_answers(self, pred: Callable[[], bool], timeout: float | None, what: str) -> bool:
+        """Wait for answers, asking for them (``sync``) now and every few heartbeats,
+        so an ack lost on the way cannot leave us waiting."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not pred():
+            self._sync()
+            step = _RESYNC * self._session.heartbeat_interval
+            if deadline is not None:
+                step = min(step, deadline - time.monotonic())
+                if step <= 0:
+                    return False
+            self._wait(pred, step, what)
+        return True
 
     def _on_clean_exit(self) -> None:
         self.flush(timeout=self.timeout)
@@ -264,9 +276,8 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
             if room <= 0:
                 if self._pending:
                     self._flush_pending()
-                self._sync()
                 left = None if deadline is None else deadline - loop.time()
-                if not await self._wait(lambda: self._room(stream_id) > 0, left, "send"):
+                if not await self._wait_answers(lambda: self._room(stream_id) > 0, left, "send"):
                     raise TimeoutError(f"stream {stream_id}: send: timed out waiting for room")
                 self._state.check(stream_id)
                 continue
@@ -281,9 +292,7 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
         self._check_open()
         self._flush_pending()
         state = self._state
-        if state.unanswered(stream_id):
-            self._sync()
-        if not await self._wait(lambda: state.unanswered(stream_id) == 0, timeout, "flush"):
+        if not await self._wait_answers(lambda: state.unanswered(stream_id) == 0, timeout, "flush"):
             raise TimeoutError(f"flush: {state.unanswered(stream_id)} events still unanswered")
         for sid in [stream_id] if stream_id is not None else state.stream_ids():
             if not state.is_closed(sid):
@@ -293,6 +302,21 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
         """Await the broker's word that ``stream_id`` closed; False at the timeout."""
         self._check_open()
         return await self._wait(lambda: self._state.is_closed(stream_id), timeout, "wait_closed")
+
+    async def _wait_answers(
+        self, pred: Callable[[], bool], timeout: float | None, what: str
+    ) -> bool:
+        """See :meth:`Producer._wait_answers`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not pred():
+            self._sync()
+            step = _RESYNC * self._session.heartbeat_interval
+            if deadline is not None:
+                step = min(step, deadline - time.monotonic())
+                if step <= 0:
+                    return False
+            await self._wait(pred, step, what)
+        return True
 
     def _before_close(self) -> None:
         if self._pending:
