@@ -101,6 +101,7 @@ class StreamBuffer:
         return len(self.events)
 
     def touch(self) -> None:
+        """Record activity now (idle expiry counts from here)."""
         self.last_activity = self.clock()
 
     def close(self) -> None:

@@ -442,8 +442,8 @@ class BrokerCore:
             self._send(client, "ok", req_id, result)
 
     def reject_control(self, client: bytes, exc: ProtocolError) -> None:
-        """A control message from ``client`` that is not even a message (wrong frame count)."""
-        self._clients[client] = self.clock()
+        """A control message from ``client`` that is not even a message (wrong frame
+        count): answered, but no sign of life (a REQ-style peer keeps no cursors)."""
         self.bad_input("control", exc)
         self._reply_error(client, 0, exc)
 

@@ -56,7 +56,9 @@ class Broker:
     True
     """
 
-    def __init__(self, config: BrokerConfig, context: zmq.Context[zmq.Socket[bytes]] | None = None):
+    def __init__(
+        self, config: BrokerConfig, context: zmq.Context[zmq.Socket[bytes]] | None = None
+    ) -> None:
         self.config = config
         self._own_ctx = context is None
         self.ctx = context or zmq.Context()

@@ -374,7 +374,7 @@ def close(stream: str, broker: str, timeout: float) -> None:
     "--broker",
     envvar="ZEVENTS_BROKER",
     default=None,
-    help="Use this running broker instead of starting one in-process.",
+    help="Use this running broker (env ZEVENTS_BROKER) instead of starting one in-process.",
 )
 @_timeout_option
 @_friendly

@@ -13,7 +13,7 @@ Three sockets (``docs/protocol.md`` is the contract; keep the two in step):
       stream_id UTF-8 | 0x00 | "X" | last_seq (u64 BE)            (stream closed)
 
 * control, DEALER <-> ROUTER, one frame per message: a msgpack array whose
-  first element names the message (see :mod:`zevents.protocol.messages`).
+  first element names the message (``docs/protocol.md``, sections 7-10).
 
 An ``event`` is one msgpack event map exactly as :meth:`Event.to_msgpack`
 writes it; a batch is maps back to back, which every msgpack library can read
@@ -86,7 +86,7 @@ class IngestHeader:
 
     __slots__ = ("body_start", "client_id", "first_pseq", "stream_id")
 
-    def __init__(self, stream_id: str, client_id: bytes, first_pseq: int, body_start: int):
+    def __init__(self, stream_id: str, client_id: bytes, first_pseq: int, body_start: int) -> None:
         self.stream_id = stream_id
         self.client_id = client_id
         self.first_pseq = first_pseq

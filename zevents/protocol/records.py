@@ -17,6 +17,8 @@ __all__ = ["BrokerStats", "RemoteStreamInfo"]
 class _Wire:
     @classmethod
     def from_wire(cls, d: Any) -> Any:
+        """The record a broker sent as the map ``d`` (unknown keys are ignored, so a
+        newer broker can add fields); :class:`ProtocolError` if it is not one."""
         if not isinstance(d, dict):
             raise ProtocolError(f"{cls.__name__}: expected a map, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
@@ -26,6 +28,7 @@ class _Wire:
             raise ProtocolError(f"{cls.__name__}: {exc}") from exc
 
     def to_wire(self) -> dict[str, Any]:
+        """The record as the map the broker sends."""
         return asdict(self)  # type: ignore[call-overload,no-any-return]
 
 
