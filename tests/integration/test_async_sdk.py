@@ -581,7 +581,7 @@ async def test_busy_application_keeps_its_async_clients_alive(make_broker, strea
 
 
 async def test_killed_subscriber_stops_blocking_producer(make_broker, stream_id):
-    b = make_broker("--subscriber-timeout", "1")
+    b = make_broker("--subscriber-timeout", "2")
     script = (
         "import sys, asyncio\n"
         "from zevents import AsyncSubscriber\n"
@@ -618,7 +618,12 @@ async def test_killed_subscriber_stops_blocking_producer(make_broker, stream_id)
             await p.send_many(stream_id, texts(30, start=2))
             child.kill()
             await within(child.wait())
+            # send_many only queues; the frame leaves with the next loop turn and the
+            # control socket may overtake it: wait for the parking.
+            deadline = time.monotonic() + 1.5
             info = await admin.stream_info(stream_id)
+            while info.parked == 0 and time.monotonic() < deadline:
+                info = await admin.stream_info(stream_id)
             assert info.subscribers == 1 and info.parked > 0  # it was holding the producer
             await p.flush(stream_id, timeout=T)  # through once the broker gives up on it
         finally:

@@ -810,7 +810,7 @@ def _lines(proc: subprocess.Popen[str]) -> queue.Queue[str]:
 
 
 def test_killed_subscriber_stops_blocking_producer_after_timeout(make_broker, stream_id):
-    b = make_broker("--subscriber-timeout", "1")
+    b = make_broker("--subscriber-timeout", "2")
     with Admin(b.control, timeout=T) as admin, Producer(b.control, timeout=T) as p:
         admin.create_stream(stream_id, buffer_size=10)
         child = subprocess.Popen(
@@ -827,7 +827,11 @@ def test_killed_subscriber_stops_blocking_producer_after_timeout(make_broker, st
             p.send_many(stream_id, texts(30, start=3))  # more than the buffer holds
             child.send_signal(signal.SIGKILL)
             child.wait(timeout=T)
+            # The control socket may overtake the ingest socket: wait for the parking.
+            deadline = time.monotonic() + 1.5
             info = admin.stream_info(stream_id)
+            while info.parked == 0 and time.monotonic() < deadline:
+                info = admin.stream_info(stream_id)
             assert info.subscribers == 1  # still gating: the broker has not noticed yet
             assert info.parked > 0
             p.flush(stream_id, timeout=T)  # gets through once the timeout passes
