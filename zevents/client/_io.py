@@ -212,6 +212,7 @@ class AsyncIO(_ClientBase):
         self._data_socks: list[zmq.asyncio.Socket] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()
+        self._task_error: BaseException | None = None  # what ended a reader task
 
     def _new_socket(self, kind: int) -> zmq.asyncio.Socket:
         s = self._ctx.socket(kind)
@@ -231,12 +232,19 @@ class AsyncIO(_ClientBase):
     async def _read(self, sock: zmq.asyncio.Socket, handler: Callable[[bytes], None]) -> None:
         # A sync view of the same socket drains what is queued without a future per message.
         raw: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
-        while True:
-            frame = await sock.recv()
-            handler(frame)
-            _drain(raw, handler)  # what else is queued, before waking anyone
-            self._after_pump()
+        try:
+            while True:
+                frame = await sock.recv()
+                handler(frame)
+                _drain(raw, handler)  # what else is queued, before waking anyone
+                self._after_pump()
+                self._notify()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a dead reader must not leave callers waiting
+            self._task_error = exc
             self._notify()
+            raise
 
     async def _heartbeat(self) -> None:
         while True:
@@ -280,6 +288,8 @@ class AsyncIO(_ClientBase):
         """Await until ``pred()`` holds; False at the timeout (see :meth:`SyncIO._wait`)."""
         deadline = _deadline(timeout)
         while not pred():
+            if self._task_error is not None:
+                raise self._task_error
             step = self._wait_step(deadline, what, required)
             if step is None:
                 return False
