@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import zmq
@@ -75,6 +75,19 @@ class _ProducerLogic(_ClientBase):
     def _sync(self) -> None:
         """About to wait for answers: ask the broker for the acks it is coalescing."""
         self._request("sync", {}, _SYNC)
+
+    def _answer_waits(self, pred: Callable[[], bool], timeout: float | None) -> Iterator[float]:
+        """The waits of a wait for answers: each asks for them first (``sync``), so
+        an ack lost on the way costs a few heartbeats, never a hang."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not pred():
+            self._sync()
+            step = _RESYNC * self._session.heartbeat_interval
+            if deadline is not None:
+                step = min(step, deadline - time.monotonic())
+                if step <= 0:
+                    return
+            yield step
 
     def _on_message(self, msg: list[Any]) -> None:
         for closed in self._state.on_message(msg):
@@ -198,18 +211,10 @@ class Producer(_ProducerLogic, SyncIO):
         return self._wait(lambda: self._state.is_closed(stream_id), timeout, "wait_closed")
 
     def _wait_answers(self, pred: Callable[[], bool], timeout: float | None, what: str) -> bool:
-        """Wait for answers, asking for them (``sync``) now and every few heartbeats,
-        so an ack lost on the way cannot leave us waiting."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not pred():
-            self._sync()
-            step = _RESYNC * self._session.heartbeat_interval
-            if deadline is not None:
-                step = min(step, deadline - time.monotonic())
-                if step <= 0:
-                    return False
+        """Wait for answers (see :meth:`_ProducerLogic._answer_waits`)."""
+        for step in self._answer_waits(pred, timeout):
             self._wait(pred, step, what)
-        return True
+        return pred()
 
     def _on_clean_exit(self) -> None:
         self.flush(timeout=self.timeout)
@@ -306,17 +311,10 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
     async def _wait_answers(
         self, pred: Callable[[], bool], timeout: float | None, what: str
     ) -> bool:
-        """See :meth:`Producer._wait_answers`."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not pred():
-            self._sync()
-            step = _RESYNC * self._session.heartbeat_interval
-            if deadline is not None:
-                step = min(step, deadline - time.monotonic())
-                if step <= 0:
-                    return False
+        """Await answers (see :meth:`_ProducerLogic._answer_waits`)."""
+        for step in self._answer_waits(pred, timeout):
             await self._wait(pred, step, what)
-        return True
+        return pred()
 
     def _before_close(self) -> None:
         if self._pending:
