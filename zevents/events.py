@@ -151,6 +151,16 @@ def _check_value(value: Any, path: str, depth: int = 0) -> None:
 
 
 def _check_data(type_name: str, data: Any, fields: tuple[tuple[str, type, bool], ...]) -> None:
+    if type(data) is dict and len(data) == 1 and len(fields) == 1:
+        # The common case (a text delta): one required field and nothing else.
+        name, kind, nonneg = fields[0]
+        v = data.get(name)
+        if type(v) is kind:
+            if kind is str:
+                return
+            low = 0 if nonneg else _INT_MIN
+            if low <= v <= _INT_MAX:  # type: ignore[operator]
+                return
     if data is None:
         raise InvalidEventError("data cannot be None")
     if type(data) is not dict:
