@@ -207,12 +207,14 @@ class BrokerCore:
         raws, errors = frames.decode_batch(frame, hdr.body_start)
         stream = self.streams.find(sid)
         if stream is None:
+            if len(errors) == len(raws):
+                # Nothing valid: answer it, but garbage does not get to create streams.
+                for i, err in errors.items():
+                    self._refuse_event(client, sid, hdr.first_pseq + i, err)
+                self._ack(client, sid, hdr.first_pseq + len(raws) - 1, len(raws))
+                return
             try:
-                if len(errors) == len(raws):
-                    # Nothing valid: answer it, but garbage does not get to create streams.
-                    stream = StreamBuffer(sid, 1, self.config.policy, self.clock)
-                else:
-                    stream = self._create_on_ingest(sid)
+                stream = self._create_on_ingest(sid)
             except ZEventsError as exc:
                 self._nack_all(client, sid, hdr.first_pseq, len(raws), exc)
                 return
@@ -285,9 +287,7 @@ class BrokerCore:
                     through = pseq
             elif i in errors:
                 stream.rejected += 1
-                self._rejected += 1
-                self.bad_input("event", errors[i])
-                self._nack(client, stream.stream_id, pseq, pseq, errors[i])
+                self._refuse_event(client, stream.stream_id, pseq, errors[i])
                 if not holding:
                     through = pseq
             elif not stream.parked and stream.has_room():
@@ -347,6 +347,12 @@ class BrokerCore:
         if not self._ack_since:
             return None
         return min(self._ack_since.values()) + self.config.ack_delay
+
+    def _refuse_event(self, client: bytes, sid: str, pseq: int, err: InvalidEventError) -> None:
+        """One invalid event: counted, logged (rate-limited) and nacked."""
+        self._rejected += 1
+        self.bad_input("event", err)
+        self._nack(client, sid, pseq, pseq, err)
 
     def _nack(self, client: bytes, sid: str, first: int, last: int, exc: ZEventsError) -> None:
         # A nack answers first..last on its own; it does not move the cumulative ack.

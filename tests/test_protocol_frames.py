@@ -28,6 +28,7 @@ from zevents.protocol.frames import (
     CLIENT_ID_SIZE,
     KIND_END,
     KIND_EVENTS,
+    decode_batch,
     decode_control,
     decode_ingest_header,
     decode_publish,
@@ -35,7 +36,6 @@ from zevents.protocol.frames import (
     encode_end,
     encode_events,
     encode_ingest,
-    iter_checked_events,
     split_events,
     topic,
 )
@@ -43,6 +43,12 @@ from zevents.protocol.frames import (
 TS = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=timezone.utc)
 CLIENT = bytes(range(1, 17))
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def iter_checked_events(frame: bytes, start: int) -> list[tuple[bytes, Any]]:
+    """``decode_batch`` as ``(raw, error or None)`` pairs, in order."""
+    raws, errors = decode_batch(frame, start)
+    return [(raw, errors.get(i)) for i, raw in enumerate(raws)]
 
 
 def ev(i: int = 0, t: EventType = EventType.TEXT_DELTA) -> bytes:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import socket
 import sys
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import pytest
+from _sdk_helpers import free_port, text_of, texts
 
 from zevents import (
     AsyncAdmin,
@@ -38,14 +38,6 @@ R = TypeVar("R")
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def texts(n: int, prefix: str = "", start: int = 0) -> list[Event]:
-    return [Event.text_delta(f"{prefix}{i}") for i in range(start, start + n)]
-
-
-def text_of(events: Iterable[Event]) -> list[str]:
-    return [e.data["text"] for e in events]
 
 
 async def within(aw: Awaitable[R], timeout: float = T) -> R:
@@ -87,12 +79,6 @@ async def drop_reports(p: AsyncProducer, stream_id: str, expected: int) -> list[
         else:
             await asyncio.sleep(0.01)
     return errors
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- the basic path ----------------------------------------------------------------------

@@ -10,17 +10,17 @@ import hashlib
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import zmq
+from _sdk_helpers import free_port, text_of, texts
 
 from zevents import (
     Admin,
@@ -44,14 +44,6 @@ T = 10.0  # seconds any single blocking call may take before the test fails
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def texts(n: int, prefix: str = "", start: int = 0) -> list[Event]:
-    return [Event.text_delta(f"{prefix}{i}") for i in range(start, start + n)]
-
-
-def text_of(events: Iterable[Event]) -> list[str]:
-    return [e.data["text"] for e in events]
 
 
 def take(source: Any, n: int, timeout: float = T) -> list[Event]:
@@ -97,12 +89,6 @@ class Worker(threading.Thread):
         if self.error is not None:
             raise self.error
         return self.value
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def idle(seconds: float) -> None:

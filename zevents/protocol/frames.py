@@ -23,7 +23,7 @@ as a stream.  Nothing here touches a socket.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -46,7 +46,6 @@ __all__ = [
     "encode_end",
     "encode_events",
     "encode_ingest",
-    "iter_checked_events",
     "split_events",
     "topic",
 ]
@@ -156,16 +155,6 @@ def decode_batch(frame: bytes, start: int) -> tuple[list[bytes], dict[int, Inval
         append(frame[pos:nxt])
         pos = nxt
     return raws, errors
-
-
-def iter_checked_events(
-    frame: bytes, start: int
-) -> Iterator[tuple[bytes, InvalidEventError | None]]:
-    """Each event of ``frame[start:]`` as ``(raw bytes, None)`` if valid, else
-    ``(raw, error)`` (:func:`decode_batch`, one by one)."""
-    raws, errors = decode_batch(frame, start)
-    for i, raw in enumerate(raws):
-        yield raw, errors.get(i)
 
 
 def _event_unpacker(frame: bytes, start: int) -> msgpack.Unpacker:
