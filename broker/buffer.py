@@ -17,6 +17,9 @@ The rules:
   drops the event and counts it.
 * Every subscriber has a cursor: the last seq it acknowledged.  Acks only move
   cursors forward and never past the last seq.
+* Every buffer charges the bytes it holds to one :class:`Budget` shared by the
+  broker's streams, so the broker can cap its memory (the policy for when the
+  cap is reached is the core's; the buffer only counts and trims).
 """
 
 from __future__ import annotations
@@ -30,7 +33,22 @@ from zevents.errors import ReplayUnavailableError, StreamClosedError
 from zevents.protocol.frames import topic
 from zevents.stream import BackpressurePolicy
 
-__all__ = ["StreamBuffer"]
+__all__ = ["Budget", "StreamBuffer"]
+
+
+class Budget:
+    """Bytes of events buffered across streams (``used``) against a cap (``cap``)."""
+
+    __slots__ = ("cap", "used")
+
+    def __init__(self, cap: int = 1 << 62) -> None:
+        self.cap = cap
+        self.used = 0
+
+    def fits(self, n: int) -> bool:
+        """Whether ``n`` more bytes stay within the cap."""
+        return self.used + n <= self.cap
+
 
 # Shared stand-ins for a stream that never parked anything (never mutated).
 _NO_PARKED: deque[tuple[bytes, int, bytes]] = deque(maxlen=0)
@@ -43,6 +61,7 @@ class StreamBuffer:
     __slots__ = (
         "_gate",
         "base_seq",
+        "budget",
         "buffer_size",
         "clock",
         "closed",
@@ -52,6 +71,7 @@ class StreamBuffer:
         "events_in",
         "ever_subscribed",
         "last_activity",
+        "nbytes",
         "next_seq",
         "parked",
         "parked_by",
@@ -70,8 +90,11 @@ class StreamBuffer:
         buffer_size: int,
         policy: BackpressurePolicy,
         clock: Callable[[], float] = time.monotonic,
+        budget: Budget | None = None,
     ) -> None:
         self.clock = clock
+        self.budget = budget if budget is not None else Budget()
+        self.nbytes = 0  # bytes held in events (charged to the budget)
         self.stream_id = stream_id
         self.topic = topic(stream_id)
         self.buffer_size = buffer_size
@@ -130,10 +153,13 @@ class StreamBuffer:
     def admit(self, raw: bytes) -> int:
         """Append ``raw`` (the caller checked :meth:`has_room`) and return its seq."""
         events = self.events
+        delta = len(raw)
         if len(events) >= self.buffer_size:
-            events.popleft()
+            delta -= len(events.popleft())
             self.base_seq += 1
         events.append(raw)
+        self.nbytes += delta
+        self.budget.used += delta
         seq = self.next_seq
         self.next_seq = seq + 1
         if not self.unpublished:
@@ -149,26 +175,65 @@ class StreamBuffer:
         n = len(raws)
         if free >= n:  # the common case: room for all, one extend
             events.extend(raws)
+            delta = sum(map(len, raws))
         else:
-            n = 0
+            n = delta = 0
             for raw in raws:
                 if len(events) >= self.buffer_size:
                     if not self._oldest_may_leave():
                         break
-                    events.popleft()
+                    delta -= len(events.popleft())
                     self.base_seq += 1
                 events.append(raw)
+                delta += len(raw)
                 n += 1
             if n == 0:
                 return 0
             if n < len(raws):
                 raws = raws[:n]
+        self.nbytes += delta
+        self.budget.used += delta
         if not self.unpublished:
             self.unpublished_seq = self.next_seq
         self.unpublished.extend(raws)
         self.next_seq += n
         self.events_in += n
         return n
+
+    def trim(self) -> int:
+        """Evict the oldest events that may leave (every subscriber acknowledged
+        them: history kept only for replay); the bytes freed."""
+        events = self.events
+        freed = 0
+        while events and self._oldest_may_leave():
+            freed += len(events.popleft())
+            self.base_seq += 1
+        self.nbytes -= freed
+        self.budget.used -= freed
+        return freed
+
+    def release(self) -> None:
+        """The stream is being removed: give its bytes back to the budget."""
+        self.budget.used -= self.nbytes
+        self.nbytes = 0
+
+    def restore(self, base_seq: int, next_seq: int, events: list[bytes]) -> None:
+        """Load state kept by a durable store: ``events`` are seqs ``base_seq``...;
+        ``next_seq`` is what the next admitted event gets."""
+        self.events = deque(events)
+        self.base_seq = base_seq
+        self.next_seq = next_seq
+        delta = sum(map(len, events)) - self.nbytes
+        self.nbytes += delta
+        self.budget.used += delta
+
+    def answered_through(self, client_id: bytes) -> int:
+        """The pseq through which everything ``client_id`` sent here was dealt with
+        (admitted, dropped or refused): its last one, or just before its first parked."""
+        through = self.producers.get(client_id, 0)
+        if client_id in self.parked_by:
+            through = next(p for c, p, _ in self.parked if c == client_id) - 1
+        return through
 
     def take_unpublished(self) -> tuple[int, list[bytes]]:
         """``(first seq, events)`` admitted since the last call."""

@@ -19,6 +19,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from itertools import islice
 from typing import Any
 
 from zevents.errors import (
@@ -39,7 +40,7 @@ from zevents.protocol.frames import PROTOCOL_VERSION
 from zevents.protocol.records import BrokerStats, RemoteStreamInfo
 from zevents.stream import BackpressurePolicy
 
-from .buffer import StreamBuffer
+from .buffer import Budget, StreamBuffer
 from .config import BrokerConfig
 
 __all__ = ["BrokerCore", "BrokerStats"]
@@ -70,12 +71,17 @@ class BrokerCore:
             "ingest": eps.get("ingest", config.ingest),
             "publish": eps.get("publish", config.publish),
         }
+        self.budget = Budget(config.max_buffered_bytes)
         self.streams: StreamManager[StreamBuffer] = StreamManager(
             config.buffer_size,
             config.policy,
-            factory=lambda sid, size, policy: StreamBuffer(sid, size, policy, clock),
+            factory=lambda sid, size, policy: StreamBuffer(sid, size, policy, clock, self.budget),
             clock=clock,
         )
+        # BLOCK streams holding events because the memory cap was reached.
+        self._mem_blocked: dict[str, StreamBuffer] = {}
+        self._reclaim_after = 0.0  # no scan of every stream for memory before this
+        self._limit_hits: dict[str, int] = {}  # limit name -> times it refused or held
         self._clients: dict[bytes, float] = {}  # client ID -> last heard (clock)
         self._ids: dict[bytes, bytes] = {}  # interned producer client IDs
         self._producing: dict[bytes, set[str]] = {}  # producer -> streams it sent to
@@ -164,7 +170,10 @@ class BrokerCore:
     def _reply_error(self, client: bytes, req_id: int, exc: ZEventsError) -> None:
         self._send(client, "err", req_id, exc.code or "PROTOCOL_ERROR", str(exc), exc.wire_fields())
 
-    # -- bad input ----------------------------------------------------------------------
+    # -- bad input and limits -----------------------------------------------------------
+
+    def _hit(self, limit: str, n: int = 1) -> None:
+        self._limit_hits[limit] = self._limit_hits.get(limit, 0) + n
 
     def bad_input(self, kind: str, exc: BaseException) -> None:
         """Count bad input of ``kind`` and log it, at most once per kind every few seconds."""
@@ -201,10 +210,14 @@ class BrokerCore:
                 "max_message_size",
             )
             self.bad_input("oversized", err)
+            self._hit("max_message_size")
             count = len(frames.decode_batch(frame, hdr.body_start)[0])
             self._nack_all(client, sid, hdr.first_pseq, count, err)
             return
         raws, errors = frames.decode_batch(frame, hdr.body_start)
+        body = len(frame) - hdr.body_start
+        if body > self.config.max_event_size:  # only then can one event be too big
+            self._check_event_sizes(sid, raws, errors)
         stream = self.streams.find(sid)
         if stream is None:
             if len(errors) == len(raws):
@@ -221,7 +234,19 @@ class BrokerCore:
         if stream.closed:
             self._nack_all(client, sid, hdr.first_pseq, len(raws), StreamClosedError(sid, "send"))
             return
-        self._ingest_events(stream, client, hdr.first_pseq, raws, errors)
+        self._ingest_events(stream, client, hdr.first_pseq, raws, errors, body)
+
+    def _check_event_sizes(
+        self, sid: str, raws: list[bytes], errors: dict[int, ZEventsError]
+    ) -> None:
+        limit = self.config.max_event_size
+        for i, raw in enumerate(raws):
+            if len(raw) > limit and i not in errors:
+                self._hit("max_event_size")
+                errors[i] = LimitExceededError(
+                    f"stream {sid}: event of {len(raw)} bytes is over max_event_size {limit}",
+                    "max_event_size",
+                )
 
     def _create_on_ingest(self, sid: str) -> StreamBuffer:
         if self.config.require_create:
@@ -232,6 +257,7 @@ class BrokerCore:
 
     def _check_stream_limit(self) -> None:
         if len(self.streams) >= self.config.max_streams:
+            self._hit("max_streams")
             raise LimitExceededError(
                 f"broker holds {len(self.streams)} streams, its max_streams", "max_streams"
             )
@@ -242,13 +268,15 @@ class BrokerCore:
         client: bytes,
         first: int,
         raws: list[bytes],
-        errors: dict[int, InvalidEventError],
+        errors: dict[int, ZEventsError],
+        body: int,
     ) -> None:
         # Answers: a cumulative ack through the last pseq dealt with here, a nack
         # per refused event.  A parked (BLOCK, full) event is answered when it is
         # admitted, so the cumulative ack must not pass a parked event of this client.
         last = stream.producers.get(client, 0)
-        if not errors and first > last and not stream.parked:
+        budget = self.budget
+        if not errors and first > last and not stream.parked and budget.used + body <= budget.cap:
             # The common case: all new, all valid, nobody waiting ahead of them.
             admitted = stream.admit_batch(raws)
             through = first + admitted - 1
@@ -274,7 +302,7 @@ class BrokerCore:
         first: int,
         last: int,
         raws: list[bytes],
-        errors: dict[int, InvalidEventError],
+        errors: dict[int, ZEventsError],
     ) -> int:
         """Event by event: resends, invalid events, others parked ahead.  Returns
         the pseq the cumulative ack may cover (0: none)."""
@@ -290,36 +318,71 @@ class BrokerCore:
                 self._refuse_event(client, stream.stream_id, pseq, errors[i])
                 if not holding:
                     through = pseq
-            elif not stream.parked and stream.has_room():
+            elif stream.parked or not stream.has_room():
+                through = self._full(stream, client, pseq, raw, through)
+            elif self._fits(stream, len(raw)):
                 stream.admit(raw)
                 if not holding:
                     through = pseq
             else:
-                through = self._full(stream, client, pseq, raw, through)
+                through = self._full(stream, client, pseq, raw, through, memory=True)
         return through
 
+    def _fits(self, stream: StreamBuffer, n: int) -> bool:
+        """Whether ``n`` more bytes fit under the memory cap, trimming acknowledged
+        history (this stream's first, then, at most every 10 ms, every stream's) to
+        make them fit."""
+        budget = self.budget
+        if budget.used + n <= budget.cap:
+            return True
+        stream.trim()
+        if budget.used + n <= budget.cap:
+            return True
+        now = self.clock()
+        if now >= self._reclaim_after:
+            self._reclaim_after = now + 0.01
+            for _, other in self.streams:
+                other.trim()
+        return budget.used + n <= budget.cap
+
     def _full(
-        self, stream: StreamBuffer, client: bytes, pseq: int, raw: bytes, through: int
+        self,
+        stream: StreamBuffer,
+        client: bytes,
+        pseq: int,
+        raw: bytes,
+        through: int,
+        memory: bool = False,
     ) -> int:
-        """Event ``pseq`` found the stream full (or others waiting): park, drop or
-        refuse it.  Returns the pseq the cumulative ack may now cover."""
+        """Event ``pseq`` found the stream full, others waiting or (``memory``) the
+        broker's memory cap reached: park, drop or refuse it.  Returns the pseq the
+        cumulative ack may now cover."""
         sid = stream.stream_id
+        if memory:
+            self._hit("max_buffered_bytes")
         if stream.policy is BackpressurePolicy.DROP:
             stream.dropped += 1
             self._dropped += 1
             per = self._drops.setdefault(client, {})
             per[sid] = per.get(sid, 0) + 1
             return through if client in stream.parked_by else pseq
-        if (
-            stream.parked_by.get(client, 0) >= self.config.window
-            or len(stream.parked) >= self.config.max_parked
-        ):
+        over = (
+            "window"
+            if stream.parked_by.get(client, 0) >= self.config.window
+            else "max_parked"
+            if len(stream.parked) >= self.config.max_parked
+            else ""
+        )
+        if over:
             # Only a producer ignoring its window gets here: the SDK never does.
             stream.rejected += 1
             self._rejected += 1
+            self._hit(over)
             self._nack(client, sid, pseq, pseq, _parked_full(stream, self.config.window))
             return through
         stream.park(client, pseq, raw)
+        if memory:
+            self._mem_blocked[sid] = stream
         return through
 
     def _ack(self, client: bytes, sid: str, pseq: int, n: int) -> None:
@@ -348,10 +411,11 @@ class BrokerCore:
             return None
         return min(self._ack_since.values()) + self.config.ack_delay
 
-    def _refuse_event(self, client: bytes, sid: str, pseq: int, err: InvalidEventError) -> None:
-        """One invalid event: counted, logged (rate-limited) and nacked."""
+    def _refuse_event(self, client: bytes, sid: str, pseq: int, err: ZEventsError) -> None:
+        """One invalid (or too big) event: counted, logged (rate-limited) and nacked."""
         self._rejected += 1
-        self.bad_input("event", err)
+        if isinstance(err, InvalidEventError):
+            self.bad_input("event", err)
         self._nack(client, sid, pseq, pseq, err)
 
     def _nack(self, client: bytes, sid: str, first: int, last: int, exc: ZEventsError) -> None:
@@ -371,7 +435,8 @@ class BrokerCore:
         latest: dict[bytes, int] = {}
         while stream.parked:
             # Room is counted before admitting; evicting what everyone acked may make more.
-            items = stream.unpark_batch(stream.room())
+            n = self._parked_fit(stream, stream.room())
+            items = stream.unpark_batch(n)
             if not items:
                 break
             stream.admit_batch([raw for _, _, raw in items])
@@ -382,6 +447,28 @@ class BrokerCore:
         for client, pseq in latest.items():
             self._ack(client, stream.stream_id, pseq, self.config.window)  # wanted: ack now
         self._dirty[stream.stream_id] = stream
+
+    def _parked_fit(self, stream: StreamBuffer, n: int) -> int:
+        """How many of the first ``n`` parked events fit under the memory cap."""
+        budget = self.budget
+        if n <= 0 or budget.cap - budget.used >= n * self.config.max_event_size:
+            return n  # the usual case: plenty of room, no need to count bytes
+        size = 0
+        k = 0
+        for _, _, raw in islice(stream.parked, n):
+            if not self._fits(stream, size + len(raw)):
+                self._mem_blocked[stream.stream_id] = stream
+                break
+            size += len(raw)
+            k += 1
+        return k
+
+    def _retry_blocked(self) -> None:
+        """Memory may have been freed: admit what the cap held back."""
+        for sid, stream in list(self._mem_blocked.items()):
+            del self._mem_blocked[sid]
+            if stream.parked and not stream.closed:
+                self._admit_parked(stream)
 
     # -- subscriptions on the publish socket ------------------------------------------
 
@@ -576,6 +663,14 @@ class BrokerCore:
             from_seq = args.get("from_seq")
             if from_seq is not None and type(from_seq) is not int:
                 raise ProtocolError("from_seq must be an int or nil")
+            limit = self.config.max_subscribers
+            if len(stream.cursors) >= limit and client not in stream.cursors:
+                self._hit("max_subscribers")
+                raise LimitExceededError(
+                    f"stream {stream.stream_id}: {len(stream.cursors)} subscribers already,"
+                    f" its max_subscribers",
+                    "max_subscribers",
+                )
             first = stream.add_cursor(client, from_seq)
         except ZEventsError as exc:
             self._reply_error(client, req_id, exc)
@@ -661,6 +756,8 @@ class BrokerCore:
                 continue
             if stream.ack(client, seq) and stream.parked:
                 self._admit_parked(stream)
+        if self._mem_blocked:  # acknowledged history may now be trimmed for them
+            self._retry_blocked()
 
     def _relapse(self, client: bytes, stream: StreamBuffer, seq: int) -> None:
         """A subscriber we had timed out acks again: it gates the buffer again from
@@ -710,6 +807,8 @@ class BrokerCore:
                 self._reply_error(client, req_id, err)
         if self.config.idle_timeout > 0:
             self._expire_idle(self.config.idle_timeout)
+        if self._mem_blocked:
+            self._retry_blocked()
 
     def forget_client(self, client: bytes, lapse: bool = True) -> None:
         """A client went silent (or said bye): it stops gating every stream it
@@ -745,6 +844,8 @@ class BrokerCore:
                 self.close_stream(stream)
             self._remove(sid)
             removed += 1
+        if removed and self._mem_blocked:
+            self._retry_blocked()
         return removed
 
     def _remove(self, sid: str) -> None:
@@ -752,6 +853,8 @@ class BrokerCore:
         if stream is None:
             return
         self._removed_in += stream.events_in
+        stream.release()
+        self._mem_blocked.pop(sid, None)
         for client in stream.producers:
             producing = self._producing.get(client)
             if producing is not None:
@@ -786,6 +889,8 @@ class BrokerCore:
             rejected=self._rejected,
             parked=sum(len(s.parked) for s in streams),
             bad_input=dict(self._bad),
+            limits=dict(self._limit_hits),
+            buffered_bytes=self.budget.used,
         )
 
 

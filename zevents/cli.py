@@ -73,6 +73,26 @@ def render(event: Event) -> str:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.5 only
+    """A byte count: ``1048576``, ``512K``, ``64M``, ``1G`` (powers of 1024)."""
+
+    name = "bytes"
+    _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}  # noqa: RUF012
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+        unit = text[-1:] if text[-1:] in self._UNITS else ""
+        try:
+            n = int(float(text[: len(text) - len(unit)]) * self._UNITS[unit])
+        except ValueError:
+            self.fail(f"{value!r} is not a size like 65536, 512K, 64M or 1G", param, ctx)
+        if n < 1:
+            self.fail(f"{value!r} must be at least one byte", param, ctx)
+        return n
+
+
 def _friendly(fn: F) -> F:
     """Turn library errors into one clear line on stderr and a non-zero exit."""
 
@@ -164,6 +184,80 @@ def cli() -> None:
 )
 @click.option("--require-create", is_flag=True, help="Refuse events for streams not created first.")
 @click.option(
+    "--window",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Unacknowledged events a producer may have in flight per stream.",
+)
+@click.option(
+    "--max-message-size",
+    type=ByteSize(),
+    default="1M",
+    show_default=True,
+    help="Largest message accepted (ZeroMQ drops connections sending over twice this).",
+)
+@click.option(
+    "--max-event-size",
+    type=ByteSize(),
+    default="1M",
+    show_default=True,
+    help="Largest single event accepted, as encoded.",
+)
+@click.option(
+    "--max-streams",
+    type=click.IntRange(min=1),
+    default=1_000_000,
+    show_default=True,
+    help="Streams the broker holds at most.",
+)
+@click.option(
+    "--max-subscribers",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Subscribers one stream may have at once.",
+)
+@click.option(
+    "--max-buffered-bytes",
+    type=ByteSize(),
+    default="1G",
+    show_default=True,
+    help="Memory cap: bytes of events buffered across all streams.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, writable=True),
+    envvar="ZEVENTS_DATA_DIR",
+    help="Keep streams in SQLite here: acknowledged events survive a crash (env ZEVENTS_DATA_DIR).",
+)
+@click.option(
+    "--sync",
+    type=click.Choice(["normal", "full"]),
+    default="normal",
+    show_default=True,
+    help="With --data-dir: 'normal' survives a broker crash, 'full' also power loss (slower).",
+)
+@click.option(
+    "--curve-secret",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="ZEVENTS_CURVE_SECRET",
+    help="The broker's secret key file (zevents keys generate): encrypt and authenticate"
+    " every connection (env ZEVENTS_CURVE_SECRET).",
+)
+@click.option(
+    "--curve-clients",
+    type=click.Path(exists=True),
+    envvar="ZEVENTS_CURVE_CLIENTS",
+    help="Directory (or file) of authorized client public keys (env ZEVENTS_CURVE_CLIENTS).",
+)
+@click.option(
+    "--permissions",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="ZEVENTS_PERMISSIONS",
+    help="TOML file of per-key permissions (env ZEVENTS_PERMISSIONS); needs --curve-secret.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -178,6 +272,17 @@ def broker(
     idle_timeout: float,
     subscriber_timeout: float,
     require_create: bool,
+    window: int,
+    max_message_size: int,
+    max_event_size: int,
+    max_streams: int,
+    max_subscribers: int,
+    max_buffered_bytes: int,
+    data_dir: str | None,
+    sync: str,
+    curve_secret: str | None,
+    curve_clients: str | None,
+    permissions: str | None,
     log_level: str,
 ) -> None:
     """Run the broker in the foreground until SIGINT or SIGTERM."""
@@ -198,11 +303,24 @@ def broker(
         idle_timeout=idle_timeout,
         subscriber_timeout=subscriber_timeout,
         require_create=require_create,
+        window=window,
+        max_message_size=max_message_size,
+        max_event_size=max_event_size,
+        max_streams=max_streams,
+        max_subscribers=max_subscribers,
+        max_buffered_bytes=max_buffered_bytes,
+        data_dir=data_dir,
+        sync=sync,
+        curve_secret=curve_secret,
+        curve_clients=curve_clients,
+        permissions=permissions,
     )
     try:
         server = Broker(config)
     except zmq.ZMQError as exc:
         raise click.ClickException(f"cannot bind: {exc}") from exc
+    except ZEventsError as exc:  # a bad key, permission file or data directory
+        raise click.ClickException(str(exc)) from exc
 
     def stop(signum: int, frame: object) -> None:
         server.stop()

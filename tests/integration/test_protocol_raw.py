@@ -362,6 +362,7 @@ def test_hello_handshake_returns_endpoints_and_limits(broker, net):
     assert limits == {
         "window": 256,
         "max_message_size": 1048576,
+        "max_event_size": 1048576,
         "max_batch": 1024,
         # a third of the shared broker's --subscriber-timeout 2
         "heartbeat_interval": pytest.approx(2 / 3),
@@ -369,6 +370,7 @@ def test_hello_handshake_returns_endpoints_and_limits(broker, net):
         "buffer_size": 100,
         "policy": "block",
         "require_create": False,
+        "max_subscribers": 1024,
         "idle_timeout": 300.0,
         "durable": False,
     }
@@ -825,6 +827,8 @@ def test_admin_commands(net, stream_id):
         "rejected",
         "parked",
         "bad_input",
+        "limits",
+        "buffered_bytes",
     }
     assert stats["streams"] >= 2 and stats["clients"] >= 1
     assert ctl.ok("unsubscribe", {"stream": stream_id}) == {}

@@ -28,7 +28,7 @@ from typing import Any
 
 import msgpack
 
-from ..errors import InvalidEventError, InvalidStreamIdError, ProtocolError
+from ..errors import InvalidEventError, InvalidStreamIdError, ProtocolError, ZEventsError
 from ..events import check_wire_event
 from ..ids import MAX_STREAM_ID_BYTES
 
@@ -108,7 +108,7 @@ def decode_ingest_header(frame: bytes) -> IngestHeader:
     return IngestHeader(stream_id, client_id, first_pseq, pos + _INGEST_FIXED)
 
 
-def decode_batch(frame: bytes, start: int) -> tuple[list[bytes], dict[int, InvalidEventError]]:
+def decode_batch(frame: bytes, start: int) -> tuple[list[bytes], dict[int, ZEventsError]]:
     """Split and check the events of ``frame[start:]``.
 
     Returns every event's raw bytes, exactly as they arrived (kept, never
@@ -116,7 +116,7 @@ def decode_batch(frame: bytes, start: int) -> tuple[list[bytes], dict[int, Inval
     A tail that is not a whole msgpack object counts as one last, invalid event.
     """
     raws: list[bytes] = []
-    errors: dict[int, InvalidEventError] = {}
+    errors: dict[int, ZEventsError] = {}
     append = raws.append
     check = check_wire_event
     base = start

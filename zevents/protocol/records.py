@@ -79,3 +79,6 @@ class BrokerStats(_Wire):
     rejected: int
     parked: int
     bad_input: dict[str, int] = field(default_factory=dict)
+    #: How many times each limit refused or held something back, by limit name.
+    limits: dict[str, int] = field(default_factory=dict)
+    buffered_bytes: int = 0  #: bytes of events buffered across all streams
