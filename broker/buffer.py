@@ -78,6 +78,7 @@ class StreamBuffer:
         "policy",
         "producers",
         "rejected",
+        "stored_seq",
         "stream_id",
         "topic",
         "unpublished",
@@ -113,6 +114,7 @@ class StreamBuffer:
         self.producers: dict[bytes, int] = {}  # producer client ID -> last pseq processed
         self.unpublished: list[bytes] = []  # admitted since the last publish
         self.unpublished_seq = 0  # seq of unpublished[0]
+        self.stored_seq = 0  # last seq a durable store has (0: none, or no store)
         self.events_in = 0
         self.dropped = 0
         self.rejected = 0

@@ -42,6 +42,7 @@ from zevents.stream import BackpressurePolicy
 
 from .buffer import Budget, StreamBuffer
 from .config import BrokerConfig
+from .store import StoredStream, StreamWrite, WriteBatch
 
 __all__ = ["BrokerCore", "BrokerStats"]
 
@@ -82,6 +83,12 @@ class BrokerCore:
         self._mem_blocked: dict[str, StreamBuffer] = {}
         self._reclaim_after = 0.0  # no scan of every stream for memory before this
         self._limit_hits: dict[str, int] = {}  # limit name -> times it refused or held
+        # Durability (with a data directory): what changed since the last commit.
+        # Until it is committed, flush() holds everything back (acks and publishes).
+        self.durable = config.data_dir is not None
+        self._unstored: dict[str, StreamBuffer] = {}
+        self._unstored_removed: list[str] = []
+        self._unstored_since = 0.0
         self._clients: dict[bytes, float] = {}  # client ID -> last heard (clock)
         self._ids: dict[bytes, bytes] = {}  # interned producer client IDs
         self._producing: dict[bytes, set[str]] = {}  # producer -> streams it sent to
@@ -120,12 +127,21 @@ class BrokerCore:
             "fetch": self._op_fetch,
             "bye": self._op_bye,
             "sync": self._op_sync,
+            "rebase": self._op_rebase,
         }
+        # (producer, stream) -> (pseq asked for, when): one resend request per gap.
+        self._resend_asked: dict[tuple[bytes, str], tuple[int, float]] = {}
 
     # -- output ---------------------------------------------------------------------
 
     def flush(self) -> tuple[list[bytes], list[tuple[bytes, bytes]]]:
-        """What to send now: ``(publish frames, [(client ID, control frame)])``."""
+        """What to send now: ``(publish frames, [(client ID, control frame)])``.
+
+        With a durable store, nothing while changes wait to be committed: no
+        producer hears of an event, and no subscriber sees one, before it is on disk.
+        """
+        if self.durable and (self._unstored or self._unstored_removed):
+            return [], []
         for stream in self._dirty.values():
             self._publish_pending(stream)
         self._dirty.clear()
@@ -236,6 +252,17 @@ class BrokerCore:
             return
         self._ingest_events(stream, client, hdr.first_pseq, raws, errors, body)
 
+    def _ask_resend(self, client: bytes, sid: str, expected: int) -> None:
+        """Ask ``client`` to send ``sid`` again from pseq ``expected`` (once a second
+        at most: the frames already on their way after the gap ask again too)."""
+        key = (client, sid)
+        now = self.clock()
+        asked = self._resend_asked.get(key)
+        if asked is not None and asked[0] == expected and now - asked[1] < 1.0:
+            return
+        self._resend_asked[key] = (expected, now)
+        self._send(client, "resend", sid, expected)
+
     def _check_event_sizes(
         self, sid: str, raws: list[bytes], errors: dict[int, ZEventsError]
     ) -> None:
@@ -275,6 +302,13 @@ class BrokerCore:
         # per refused event.  A parked (BLOCK, full) event is answered when it is
         # admitted, so the cumulative ack must not pass a parked event of this client.
         last = stream.producers.get(client, 0)
+        if first > last + 1:
+            # Frames of this producer were lost on the way (a dropped connection, a
+            # restart): taking this one would make the missing ones look like dups.
+            self._ask_resend(client, stream.stream_id, last + 1)
+            return
+        if self._resend_asked:
+            self._resend_asked.pop((client, stream.stream_id), None)
         budget = self.budget
         if not errors and first > last and not stream.parked and budget.used + body <= budget.cap:
             # The common case: all new, all valid, nobody waiting ahead of them.
@@ -292,6 +326,8 @@ class BrokerCore:
         stream.touch()
         if stream.unpublished:
             self._dirty[stream.stream_id] = stream
+        if self.durable:
+            self._changed(stream)
         if through:
             self._ack(client, stream.stream_id, through, len(raws))
 
@@ -335,14 +371,16 @@ class BrokerCore:
         budget = self.budget
         if budget.used + n <= budget.cap:
             return True
-        stream.trim()
+        if stream.trim() and self.durable:
+            self._changed(stream)
         if budget.used + n <= budget.cap:
             return True
         now = self.clock()
         if now >= self._reclaim_after:
             self._reclaim_after = now + 0.01
             for _, other in self.streams:
-                other.trim()
+                if other.trim() and self.durable:
+                    self._changed(other)
         return budget.used + n <= budget.cap
 
     def _full(
@@ -406,10 +444,16 @@ class BrokerCore:
             self._acks_due.add(client)
 
     def next_deadline(self) -> float | None:
-        """When :meth:`flush` will next have something to send on its own (clock time)."""
-        if not self._ack_since:
-            return None
-        return min(self._ack_since.values()) + self.config.ack_delay
+        """When :meth:`flush` (or :meth:`commit_due`) will next have something to do
+        on its own (clock time)."""
+        deadline = None
+        if self._ack_since:
+            deadline = min(self._ack_since.values()) + self.config.ack_delay
+        if self._unstored or self._unstored_removed:
+            due = self._unstored_since + self.config.commit_interval
+            if deadline is None or due < deadline:
+                deadline = due
+        return deadline
 
     def _refuse_event(self, client: bytes, sid: str, pseq: int, err: ZEventsError) -> None:
         """One invalid (or too big) event: counted, logged (rate-limited) and nacked."""
@@ -425,10 +469,17 @@ class BrokerCore:
     def _nack_all(self, client: bytes, sid: str, first: int, count: int, exc: ZEventsError) -> None:
         """Refuse a whole frame of ``count`` events."""
         self._rejected += count
+        last = first + max(count, 1) - 1
         stream = self.streams.find(sid)
         if stream is not None:
             stream.rejected += count
-        self._nack(client, sid, first, first + max(count, 1) - 1, exc)
+            # Answered, so the producer's next frame follows on with no gap.
+            known = stream.producers.get(client, 0)
+            if first <= known + 1 <= last:
+                stream.producers[client] = last
+                if not known:
+                    self._producing.setdefault(client, set()).add(sid)
+        self._nack(client, sid, first, last, exc)
 
     def _admit_parked(self, stream: StreamBuffer) -> None:
         """Room was made: admit held events, in order, as many as fit, in one batch."""
@@ -447,6 +498,8 @@ class BrokerCore:
         for client, pseq in latest.items():
             self._ack(client, stream.stream_id, pseq, self.config.window)  # wanted: ack now
         self._dirty[stream.stream_id] = stream
+        if self.durable:
+            self._changed(stream)
 
     def _parked_fit(self, stream: StreamBuffer, n: int) -> int:
         """How many of the first ``n`` parked events fit under the memory cap."""
@@ -595,6 +648,8 @@ class BrokerCore:
         size, policy = self._create_args(args)
         self._check_stream_limit()
         stream = self.streams.create_stream(sid, buffer_size=size, policy=policy)
+        if self.durable:
+            self._changed(stream)
         return self._info(stream)
 
     def _op_get_or_create(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
@@ -603,6 +658,8 @@ class BrokerCore:
         if sid not in self.streams:
             self._check_stream_limit()
         stream, created = self.streams.get_or_create(sid, buffer_size=size, policy=policy)
+        if created and self.durable:
+            self._changed(stream)
         return {**self._info(stream), "created": created}
 
     def close_stream(self, stream: StreamBuffer) -> None:
@@ -619,6 +676,8 @@ class BrokerCore:
         self._pub.append(frames.encode_end(stream.topic, stream.last_seq))
         for producer in stream.producers:
             self._send(producer, "closed", sid, stream.last_seq)
+        if self.durable:
+            self._changed(stream)
 
     def _op_close(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
         stream = self._get(args)
@@ -649,7 +708,9 @@ class BrokerCore:
             if not args.get("create"):
                 raise StreamNotFoundError(sid, "subscribe")
             self._check_stream_limit()
-            self.streams.get_or_create(sid)
+            stream, created = self.streams.get_or_create(sid)
+            if created and self.durable:
+                self._changed(stream)
         if self._markers.pop(token, None) is not None:
             self._activate(client, req_id, args)
         else:
@@ -671,10 +732,15 @@ class BrokerCore:
                     f" its max_subscribers",
                     "max_subscribers",
                 )
+            ever = stream.ever_subscribed
             first = stream.add_cursor(client, from_seq)
         except ZEventsError as exc:
             self._reply_error(client, req_id, exc)
             return
+        if not ever and self.durable:
+            self._changed(stream)
+        if stream.parked:  # a subscriber coming back may move its own cursor on
+            self._admit_parked(stream)
         self._subs.setdefault(client, set()).add(stream.stream_id)
         stream.touch()
         self._send(client, "ok", req_id, self._replay(stream, first))
@@ -722,14 +788,27 @@ class BrokerCore:
             stream = self.streams.find(sid)
             if stream is None:
                 continue
-            through = stream.producers.get(client, 0)
-            if client in stream.parked_by:  # answered: everything before its first parked
-                through = next(p for c, p, _ in stream.parked if c == client) - 1
+            through = stream.answered_through(client)
             if through > 0:
                 self._ack(client, sid, through, 0)
         if client in self._acks:
             self._acks_due.add(client)
         return {}
+
+    def _op_rebase(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
+        """A producer answers ``resend``: everything of its own before ``pseq`` was
+        answered already (by a broker that lost it); expect ``pseq`` next."""
+        stream = self._get(args)
+        pseq = args.get("pseq")
+        if type(pseq) is not int or not 1 <= pseq <= MAX_PSEQ:
+            raise ProtocolError("rebase needs 1 <= pseq <= 2**62")
+        sid = stream.stream_id
+        if stream.producers.get(client, 0) < pseq - 1:
+            stream.producers[client] = pseq - 1
+            self._producing.setdefault(client, set()).add(sid)
+            if self.durable:
+                self._changed(stream)
+        return {"next_pseq": stream.producers[client] + 1}
 
     def _op_bye(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
         """A client closes: it stops gating at once (no waiting for its timeout)."""
@@ -795,6 +874,10 @@ class BrokerCore:
         stale = now - _MARKER_TTL
         for token in [t for t, seen in self._markers.items() if seen < stale]:
             del self._markers[token]
+        if self._resend_asked:
+            old = now - _MARKER_TTL
+            for key in [k for k, (_, when) in self._resend_asked.items() if when < old]:
+                del self._resend_asked[key]
         lapse_end = now - _LAPSE_TTL
         for client in [c for c, (when, _) in self._lapsed.items() if when < lapse_end]:
             del self._lapsed[client]
@@ -855,6 +938,11 @@ class BrokerCore:
         self._removed_in += stream.events_in
         stream.release()
         self._mem_blocked.pop(sid, None)
+        if self.durable:
+            if not self._unstored and not self._unstored_removed:
+                self._unstored_since = self.clock()
+            self._unstored.pop(sid, None)
+            self._unstored_removed.append(sid)
         for client in stream.producers:
             producing = self._producing.get(client)
             if producing is not None:
@@ -868,10 +956,88 @@ class BrokerCore:
         self._dirty.pop(sid, None)
 
     def shutdown(self) -> None:
-        """Close every open stream so subscribers are told the end."""
+        """Close every open stream so subscribers are told the end.
+
+        A durable broker keeps its streams open instead: they are on disk, and
+        its clients resume them when it is back."""
+        if self.durable:
+            return
         for _, stream in self.streams:
             if not stream.closed:
                 self.close_stream(stream)
+
+    # -- durability --------------------------------------------------------------
+
+    def _changed(self, stream: StreamBuffer) -> None:
+        """``stream`` has something the durable store does not."""
+        if not self._unstored and not self._unstored_removed:
+            self._unstored_since = self.clock()
+        self._unstored[stream.stream_id] = stream
+
+    def commit_due(self) -> bool:
+        """Whether the runner should commit :meth:`take_writes` now: a change has
+        waited ``commit_interval``, or a producer is owed acks it waits for."""
+        if not self._unstored and not self._unstored_removed:
+            return False
+        return bool(self._acks_due) or (
+            self.clock() - self._unstored_since >= self.config.commit_interval
+        )
+
+    def take_writes(self) -> WriteBatch:
+        """What changed since the last commit (state is unchanged until
+        :meth:`on_committed`, so a failed commit can simply be tried again)."""
+        batch = WriteBatch(removed=list(self._unstored_removed))
+        for stream in self._unstored.values():
+            first = max(stream.stored_seq + 1, stream.base_seq)
+            last = stream.last_seq
+            events = stream.slice(first, last - first + 1) if first <= last else []
+            batch.streams.append(
+                StreamWrite(
+                    stream.stream_id,
+                    stream.buffer_size,
+                    str(stream.policy),
+                    stream.next_seq,
+                    stream.base_seq,
+                    stream.closed,
+                    stream.ever_subscribed,
+                    first,
+                    events,
+                    [(c, stream.answered_through(c)) for c in stream.producers],
+                    list(stream.cursors.items()),
+                )
+            )
+        return batch
+
+    def on_committed(self, batch: WriteBatch) -> None:
+        """``batch`` is durable: what waited for it may now be sent."""
+        for w in batch.streams:
+            stream = self._unstored.pop(w.name, None)
+            if stream is not None:
+                stream.stored_seq = w.next_seq - 1
+        del self._unstored_removed[: len(batch.removed)]
+
+    def restore(self, stored: list[StoredStream]) -> None:
+        """Load the streams a durable store kept (at start, before any traffic)."""
+        for s in stored:
+            stream = self.streams.create_stream(
+                s.name, buffer_size=s.buffer_size, policy=BackpressurePolicy.parse(s.policy)
+            )
+            stream.restore(s.next_seq - len(s.events), s.next_seq, s.events)
+            stream.stored_seq = s.next_seq - 1
+            stream.closed = s.closed
+            stream.ever_subscribed = s.ever_subscribed
+            for client, pseq in s.producers.items():
+                client = self._ids.setdefault(client, client)
+                stream.producers[client] = pseq
+                self._producing.setdefault(client, set()).add(s.name)
+            # Subscribers gate again as they did, until they resubscribe (moving
+            # their cursor) or stay silent for subscriber_timeout (forgotten).
+            now = self.clock()
+            for client, seq in s.cursors.items():
+                if seq >= stream.base_seq - 1:
+                    stream.add_cursor(client, min(seq, stream.last_seq) + 1)
+                    self._subs.setdefault(client, set()).add(s.name)
+                    self._clients[client] = now
 
     # -- stats ---------------------------------------------------------------------
 

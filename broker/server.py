@@ -21,6 +21,7 @@ from zevents.errors import ProtocolError
 
 from .config import BrokerConfig
 from .core import BrokerCore
+from .store import Store, StoreError
 
 __all__ = ["Broker"]
 
@@ -30,6 +31,7 @@ _DRAIN = 2048  # messages taken from one socket per round before the others get 
 _TICK = 0.1  # seconds between timer passes
 _HWM = 100_000
 _INGEST_HWM = 1_000
+_MAINTAIN = 30.0  # seconds between store maintenance passes
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -83,6 +85,21 @@ class Broker:
             self._close_sockets()
             raise
         self.core = BrokerCore(config, self.endpoints)
+        self.store: Store | None = None
+        if config.data_dir is not None:
+            try:
+                self.store = Store(config.data_dir, config.sync)
+                stored = self.store.load()
+            except StoreError:
+                self._close_sockets()
+                raise
+            self.core.restore(stored)
+            log.info(
+                "restored %d streams (%d events) from %s",
+                len(stored),
+                sum(len(s.events) for s in stored),
+                self.store.path,
+            )
 
     def _socket(self, kind: int, maxsize: int) -> zmq.Socket[bytes]:
         s = self.ctx.socket(kind)
@@ -132,6 +149,8 @@ class Broker:
         poller.register(ingest, zmq.POLLIN)
         poller.register(publish, zmq.POLLIN)
         next_tick = time.monotonic() + _TICK
+        next_maintain = time.monotonic() + _MAINTAIN
+        store = self.store
         noblock = zmq.NOBLOCK
         again = zmq.Again
         while not self._stop.is_set():
@@ -172,7 +191,26 @@ class Broker:
             if now >= next_tick:
                 core.on_tick()
                 next_tick = now + _TICK
+            if store is not None:
+                if core.commit_due():
+                    self._commit(store)
+                if now >= next_maintain:
+                    store.maintain()
+                    next_maintain = now + _MAINTAIN
             self._send(*core.flush())
+
+    def _commit(self, store: Store) -> bool:
+        """One group commit; False (logged, retried next round) if it failed."""
+        batch = self.core.take_writes()
+        try:
+            store.commit(batch)
+        except StoreError as exc:
+            # Nothing it held is acknowledged or published, so nothing is lost:
+            # producers wait (and resend after their timeout) until the disk is back.
+            self.core.bad_input("store", exc)
+            return False
+        self.core.on_committed(batch)
+        return True
 
     def _send(self, pub: list[bytes], ctl: list[tuple[bytes, bytes]]) -> None:
         send = self.publish.send
@@ -187,7 +225,12 @@ class Broker:
     def _shutdown(self) -> None:
         # Subscribers are told every stream ended, so nothing waits on a dead broker.
         self.core.shutdown()
-        self._send(*self.core.flush())
+        if self.store is not None:
+            if self._commit(self.store):
+                self._send(*self.core.flush())
+            self.store.close()
+        else:
+            self._send(*self.core.flush())
         self.publish.setsockopt(zmq.LINGER, 500)
         self.control.setsockopt(zmq.LINGER, 500)
         self._close_sockets()

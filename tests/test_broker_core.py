@@ -384,12 +384,45 @@ def test_producer_resend_after_broker_restart(clock: FakeClock) -> None:
     new = Broker(clock)
     for frame in prod.resend():
         new.core.on_ingest(frame)
+    # pseq 3 with nothing before it: the new broker asks from 1, and takes nothing yet.
+    pub, ctl = new.flush()
+    assert pub == [] and of_kind(ctl, "resend") == [["resend", "s", 1]]
+    rebase = prod.on_resend("s", 1)
+    assert rebase == 3  # 1 and 2 were answered by the old broker
+    assert new.ok(P, "rebase", {"stream": "s", "pseq": rebase}) == {"next_pseq": 3}
+    for frame in prod.resend_stream("s"):
+        new.core.on_ingest(frame)
     pub, ctl = new.flush()
     assert published(pub) == [("s", "E", 1, ["t3", "t4"])]
     assert acks_of(ctl) == [["s", 4]]
     for _, msg in ctl:
         prod.on_message(msg)
     assert prod.unanswered() == 0
+
+
+def test_a_gap_in_a_producers_frames_is_filled_before_anything_after_it(b: Broker) -> None:
+    prod = ProducerState(P)
+    b.core.on_ingest(prod.encode("s", [ev(1)]))
+    prod.encode("s", [ev(2), ev(3)])  # lost on the way (a dropped connection)
+    b.core.on_ingest(prod.encode("s", [ev(4)]))
+    b.core.on_ingest(prod.encode("s", [ev(5)]))  # already on its way: asks no second time
+    pub, ctl = b.flush()
+    assert published(pub) == [("s", "E", 1, ["t1"])]
+    assert of_kind(ctl, "resend") == [["resend", "s", 2]]
+    assert prod.on_resend("s", 2) is None  # 2.. are unanswered: just send them again
+    for frame in prod.resend_stream("s"):
+        b.core.on_ingest(frame)
+    pub, ctl = b.flush()
+    assert published(pub) == [("s", "E", 2, ["t2", "t3", "t4", "t5"])]
+    assert acks_of(ctl) == [["s", 5]]
+
+
+def test_rebase_never_moves_a_producer_back(b: Broker) -> None:
+    b.ingest("s", 1, [ev(1), ev(2), ev(3)])
+    b.flush()
+    assert b.ok(P, "rebase", {"stream": "s", "pseq": 2}) == {"next_pseq": 4}
+    assert b.err(P, "rebase", {"stream": "s", "pseq": 0})[0] == "PROTOCOL_ERROR"
+    assert b.err(P, "rebase", {"stream": "nope", "pseq": 5})[0] == "STREAM_NOT_FOUND"
 
 
 # -- invalid events ------------------------------------------------------------------------
@@ -428,11 +461,11 @@ def test_producer_sees_invalid_event_once(b: Broker) -> None:
 
 
 def test_truncated_tail_is_one_nacked_pseq(b: Broker) -> None:
-    b.ingest("s", 5, [ev(1), ev(2)[:-4]])
+    b.ingest("s", 1, [ev(1), ev(2)[:-4]])
     pub, ctl = b.flush()
     (nack,) = of_kind(ctl, "nack")
-    assert nack[1:5] == ["s", 6, 6, "INVALID_EVENT"]
-    assert acks_of(ctl) == [["s", 6]]
+    assert nack[1:5] == ["s", 2, 2, "INVALID_EVENT"]
+    assert acks_of(ctl) == [["s", 2]]
     assert published(pub) == [("s", "E", 1, ["t1"])]
 
 
@@ -565,7 +598,7 @@ def test_drop_reports_per_round(b: Broker) -> None:
     assert of_kind(b.flush()[1], "dropped") == [["dropped", "d", 1, 1]]
     b.ingest("d", 3, [ev(3)])
     assert of_kind(b.flush()[1], "dropped") == [["dropped", "d", 1, 1]]
-    b.ingest("d", 4, [ev(4)], client=Q)
+    b.ingest("d", 1, [ev(4)], client=Q)
     _, ctl = b.flush()
     assert of_kind(ctl, "dropped", Q) == [["dropped", "d", 1, 1]]
     assert of_kind(ctl, "dropped", P) == []
@@ -1152,6 +1185,10 @@ def test_require_create(clock: FakeClock) -> None:
     assert b.ok(A, "list") == []
     b.ok(A, "create", {"stream": "s"})
     b.ingest("s", 3, [ev(3)])
+    # The stream is new to the broker: it asks from 1, the producer says 1-2 were answered.
+    assert of_kind(b.flush()[1], "resend") == [["resend", "s", 1]]
+    assert b.ok(P, "rebase", {"stream": "s", "pseq": 3}) == {"next_pseq": 3}
+    b.ingest("s", 3, [ev(3)])
     assert acks_of(b.flush()[1]) == [["s", 3]]
 
 
@@ -1170,6 +1207,7 @@ def test_max_streams(clock: FakeClock) -> None:
 
 def test_oversized_ingest_is_nacked(clock: FakeClock) -> None:
     b = Broker(clock, max_message_size=200)
+    b.ok(A, "create", {"stream": "s"})
     events = [ev(i) for i in range(10)]
     b.ingest("s", 1, events)
     pub, ctl = b.flush()
@@ -1469,7 +1507,18 @@ def test_random_traffic_keeps_seqs_dense_and_answers_every_event(data: st.DataOb
         for client, msg in ctl:
             if client in producers and msg[0] in ("ack", "nack", "dropped", "closed"):
                 producers[client].on_message(msg)
+            elif client in producers and msg[0] == "resend":  # as the SDK answers it
+                resends.append((client, msg[1], msg[2]))
+        while resends:
+            client, sid, expected = resends.pop(0)
+            rebase = producers[client].on_resend(sid, expected)
+            if rebase is not None:
+                b.request(client, "rebase", {"stream": sid, "pseq": rebase})
+            for frame in producers[client].resend_stream(sid):
+                b.core.on_ingest(frame)
+            pump()
 
+    resends: list[tuple[bytes, str, int]] = []
     sent = {P: 0, Q: 0}
     for _ in range(data.draw(st.integers(1, 40), label="steps")):
         op = data.draw(

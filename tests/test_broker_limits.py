@@ -120,7 +120,7 @@ def test_stats_count_every_limit_by_name(clock: FakeClock) -> None:
     b.ingest("b", 1, [ev(1)])  # max_streams
     b.ingest("a", 2, [ev(i) for i in range(2, 40)])  # max_message_size
     b.subscribed(S, "a")
-    b.ingest("a", 2, [ev(2), ev(3), ev(4)])  # 2 parks, 3 is over the window of 1
+    b.ingest("a", 40, [ev(2), ev(3), ev(4)])  # 40 parks, 41 is over the window of 1
     b.flush()
     assert b.stats().limits == {"max_streams": 1, "max_message_size": 1, "window": 2}
     assert P and A  # the helpers' clients

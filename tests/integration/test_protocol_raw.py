@@ -540,7 +540,12 @@ def test_oversized_ingest_frame_is_nacked(net, stream_id):
     nack = ctl.recv(lambda m: m[0] == "nack")
     assert nack[1:5] == [stream_id, 1, 1, "LIMIT_EXCEEDED"]
     assert nack[6] == {"limit": "max_message_size"}
-    send_and_ack(push, ctl, stream_id, 2, text("small"))  # still serving
+    # Still serving.  The stream did not exist, so the broker has no record of
+    # pseq 1: it asks from 1, and the producer says 1 was answered (section 13).
+    push.send(ingest_frame(stream_id, ctl.client_id, 2, text("small")))
+    assert ctl.recv(lambda m: m[0] == "resend") == ["resend", stream_id, 1]
+    assert ctl.ok("rebase", {"stream": stream_id, "pseq": 2}) == {"next_pseq": 2}
+    send_and_ack(push, ctl, stream_id, 2, text("small"))
 
 
 # -- subscribing, replay, live frames ----------------------------------------------------

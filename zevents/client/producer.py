@@ -69,8 +69,15 @@ class _ProducerLogic(_ClientBase):
         return raws
 
     def _on_reply(self, reply: Reply) -> None:
-        if reply.tag != _SYNC:  # nothing waits for a sync's reply: the acks are the point
-            super()._on_reply(reply)
+        tag = reply.tag
+        if tag == _SYNC:  # nothing waits for a sync's reply: the acks are the point
+            return
+        if isinstance(tag, tuple) and tag[0] == "rebase":
+            # The broker skipped what was answered before: now fill the gap.
+            for frame in self._state.resend_stream(tag[1]):
+                self._push_frame(frame)
+            return
+        super()._on_reply(reply)
 
     def _sync(self) -> None:
         """About to wait for answers: ask the broker for the acks it is coalescing."""
@@ -90,10 +97,24 @@ class _ProducerLogic(_ClientBase):
             yield step
 
     def _on_message(self, msg: list[Any]) -> None:
+        if msg[0] == "resend":
+            self._on_resend(msg)
+            return
         for closed in self._state.on_message(msg):
             self._closed_streams[closed.stream_id] = closed
             for callback in list(self._callbacks):
                 callback(closed)
+
+    def _on_resend(self, msg: list[Any]) -> None:
+        if len(msg) < 3 or type(msg[1]) is not str or type(msg[2]) is not int:
+            return
+        sid, expected = msg[1], msg[2]
+        rebase = self._state.on_resend(sid, expected)
+        if rebase is None:
+            for frame in self._state.resend_stream(sid):
+                self._push_frame(frame)
+        else:
+            self._request("rebase", {"stream": sid, "pseq": rebase}, ("rebase", sid))
 
     def _on_reconnected(self) -> None:
         # A new broker process: send again what the old one never answered.

@@ -139,17 +139,33 @@ class ProducerState:
         A broker drops the ones it already has (it remembers each producer's last
         pseq per stream); a fresh one takes them as new.
         """
-        out_frames = []
-        for out in self._streams.values():
-            if out.unacked and not out.closed:
-                first = out.unacked[0][0]
-                if all(p == first + i for i, (p, _) in enumerate(out.unacked)):
-                    raws = b"".join(raw for _, raw in out.unacked)
-                    out_frames.append(frames.encode_ingest(out.topic, self.client_id, first, raws))
-                else:  # holes left by nacks: one frame per event keeps the pseqs right
-                    for p, raw in out.unacked:
-                        out_frames.append(frames.encode_ingest(out.topic, self.client_id, p, raw))
-        return out_frames
+        return [frame for sid in self._streams for frame in self.resend_stream(sid)]
+
+    def resend_stream(self, stream_id: str) -> list[bytes]:
+        """Frames carrying the unanswered events of ``stream_id`` again, in order."""
+        out = self._streams.get(stream_id)
+        if out is None or not out.unacked or out.closed:
+            return []
+        first = out.unacked[0][0]
+        if all(p == first + i for i, (p, _) in enumerate(out.unacked)):
+            raws = b"".join(raw for _, raw in out.unacked)
+            return [frames.encode_ingest(out.topic, self.client_id, first, raws)]
+        # Holes left by nacks: one frame per event keeps the pseqs right.
+        return [frames.encode_ingest(out.topic, self.client_id, p, raw) for p, raw in out.unacked]
+
+    def on_resend(self, stream_id: str, expected: int) -> int | None:
+        """The broker got a frame of ``stream_id`` past a gap: it has our events up
+        to ``expected - 1`` only (frames were lost in transit, or it restarted).
+
+        Returns None when :meth:`resend_stream` fills the gap, or the pseq to
+        ``rebase`` the broker to first, when everything from ``expected`` up to
+        it was already answered (by a broker that has since lost it).
+        """
+        out = self._streams.get(stream_id)
+        if out is None:
+            return None
+        low = out.unacked[0][0] if out.unacked else out.next_pseq
+        return low if low > expected else None
 
     # -- answers from the broker ----------------------------------------------------
 
