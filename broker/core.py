@@ -26,6 +26,7 @@ from zevents.errors import (
     InvalidEventError,
     InvalidStreamIdError,
     LimitExceededError,
+    PermissionDeniedError,
     ProtocolError,
     StreamClosedError,
     StreamFullError,
@@ -40,6 +41,7 @@ from zevents.protocol.frames import PROTOCOL_VERSION
 from zevents.protocol.records import BrokerStats, RemoteStreamInfo
 from zevents.stream import BackpressurePolicy
 
+from .auth import Permissions
 from .buffer import Budget, StreamBuffer
 from .config import BrokerConfig
 from .store import StoredStream, StreamWrite, WriteBatch
@@ -52,6 +54,9 @@ _LOG_EVERY = 10.0  # seconds between log lines for one kind of bad input
 _MARKER_TTL = 30.0  # seconds a subscription marker or pending subscribe is kept
 _MAX_HEADS = 512  # lagging streams reported in one heartbeat reply
 _LAPSE_TTL = 300.0  # seconds a timed-out subscriber may come back and gate again
+_MAX_PENDING = 65536  # subscribe commands waiting for their markers, at most
+_MAX_TOKEN = 64  # bytes of a subscribe token (its marker must fit the publish socket's limit)
+_COMMIT_RETRY = 0.5  # seconds between attempts to commit while the store fails
 
 
 class BrokerCore:
@@ -62,8 +67,14 @@ class BrokerCore:
         config: BrokerConfig,
         endpoints: dict[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        permissions: Permissions | None = None,
     ) -> None:
         self.config = config
+        # Authorization: None lets every connection do everything (plain mode, or
+        # CURVE without a permission file).  With it, every path checks the key.
+        self.permissions = permissions
+        self._owners: dict[bytes, str] = {}  # client ID -> the key that uses it
+        self._user: str | None = None  # the key of the control request being handled
         self.clock = clock
         self.broker_id = secrets.token_hex(8)
         eps = endpoints or {}
@@ -89,6 +100,7 @@ class BrokerCore:
         self._unstored: dict[str, StreamBuffer] = {}
         self._unstored_removed: list[str] = []
         self._unstored_since = 0.0
+        self._commit_hold = 0.0  # after a failed commit, no retry before this
         self._clients: dict[bytes, float] = {}  # client ID -> last heard (clock)
         self._ids: dict[bytes, bytes] = {}  # interned producer client IDs
         self._producing: dict[bytes, set[str]] = {}  # producer -> streams it sent to
@@ -202,16 +214,22 @@ class BrokerCore:
 
     # -- ingest -----------------------------------------------------------------------
 
-    def on_ingest(self, frame: bytes) -> None:
-        """Take one ingest frame from a producer."""
+    def on_ingest(self, frame: bytes, user: str | None = None) -> None:
+        """Take one ingest frame from a producer (``user``: its key's name, with CURVE)."""
         try:
             hdr = frames.decode_ingest_header(frame)
         except ZEventsError as exc:  # no reply address is known: count and log
             self.bad_input("ingest", exc)
             return
-        # One bytes object per client ID, however many streams remember it.
-        client = self._ids.setdefault(hdr.client_id, hdr.client_id)
         sid = hdr.stream_id
+        client = hdr.client_id
+        if user is not None and not self._owns(client, user):
+            return  # another key's client ID: no answer (it would reach that client)
+        if self.permissions is not None and not self.permissions.allows(user, "produce", sid):
+            denied = self._denied(user, "produce", sid)
+            count = len(frames.decode_batch(frame, hdr.body_start)[0])
+            self._nack(client, sid, hdr.first_pseq, hdr.first_pseq + max(count, 1) - 1, denied)
+            return
         if not 1 <= hdr.first_pseq <= MAX_PSEQ or hdr.body_start >= len(frame):
             err: ZEventsError = ProtocolError(
                 f"stream {sid}: ingest frame needs 1 <= first_pseq <= 2**62 and at least one event"
@@ -242,6 +260,9 @@ class BrokerCore:
                     self._refuse_event(client, sid, hdr.first_pseq + i, err)
                 self._ack(client, sid, hdr.first_pseq + len(raws) - 1, len(raws))
                 return
+            if hdr.first_pseq > 1:  # what came before is missing (section 13): ask first
+                self._ask_resend(client, sid, 1)
+                return
             try:
                 stream = self._create_on_ingest(sid)
             except ZEventsError as exc:
@@ -250,6 +271,9 @@ class BrokerCore:
         if stream.closed:
             self._nack_all(client, sid, hdr.first_pseq, len(raws), StreamClosedError(sid, "send"))
             return
+        # One bytes object per client ID, however many streams remember it (and
+        # only for frames that get this far: refused ones leave nothing behind).
+        client = self._ids.setdefault(client, client)
         self._ingest_events(stream, client, hdr.first_pseq, raws, errors, body)
 
     def _ask_resend(self, client: bytes, sid: str, expected: int) -> None:
@@ -262,6 +286,40 @@ class BrokerCore:
             return
         self._resend_asked[key] = (expected, now)
         self._send(client, "resend", sid, expected)
+
+    def _owns(self, client: bytes, user: str) -> bool:
+        """Whether ``user`` may use the client ID ``client`` (the first key to use
+        one owns it while the broker knows the client)."""
+        owner = self._owners.setdefault(client, user)
+        if owner == user:
+            return True
+        self.bad_input(
+            "auth", PermissionDeniedError(f"key {user!r} used the client ID of {owner!r}")
+        )
+        return False
+
+    def _denied(self, user: str | None, action: str, sid: str) -> PermissionDeniedError:
+        self._hit("permissions")
+        err = PermissionDeniedError(f"stream {sid}: {action}: key {user!r} may not")
+        log.debug("%s", err)
+        return err
+
+    def _check_stream_permission(self, kind: str, args: dict[str, Any]) -> None:
+        """Raise :class:`PermissionDeniedError` unless the current request's key
+        may run command ``kind`` with ``args``."""
+        perms = self.permissions
+        assert perms is not None
+        user = self._user
+        actions = _COMMAND_ACTIONS.get(kind)
+        if actions is None:  # broker-wide: list (filtered), stats, cleanup
+            if kind in ("stats", "cleanup") and not perms.admin_everything(user):
+                raise self._denied(user, kind, "*")
+            return
+        sid = args.get("stream")
+        if type(sid) is not str:
+            return  # the command refuses it on its own, with a clearer error
+        if not any(perms.allows(user, action, sid) for action in actions):
+            raise self._denied(user, kind, sid)
 
     def _check_event_sizes(
         self, sid: str, raws: list[bytes], errors: dict[int, ZEventsError]
@@ -450,7 +508,7 @@ class BrokerCore:
         if self._ack_since:
             deadline = min(self._ack_since.values()) + self.config.ack_delay
         if self._unstored or self._unstored_removed:
-            due = self._unstored_since + self.config.commit_interval
+            due = max(self._unstored_since + self.config.commit_interval, self._commit_hold)
             if deadline is None or due < deadline:
                 deadline = due
         return deadline
@@ -476,9 +534,12 @@ class BrokerCore:
             # Answered, so the producer's next frame follows on with no gap.
             known = stream.producers.get(client, 0)
             if first <= known + 1 <= last:
+                client = self._ids.setdefault(client, client)
                 stream.producers[client] = last
                 if not known:
                     self._producing.setdefault(client, set()).add(sid)
+                if self.durable:
+                    self._changed(stream)
         self._nack(client, sid, first, last, exc)
 
     def _admit_parked(self, stream: StreamBuffer) -> None:
@@ -525,8 +586,12 @@ class BrokerCore:
 
     # -- subscriptions on the publish socket ------------------------------------------
 
-    def on_subscription(self, frame: bytes) -> None:
-        """Take one (un)subscription message from the XPUB socket.
+    def on_subscription(self, frame: bytes, user: str | None = None) -> bool:
+        """Take one (un)subscription message from the XPUB socket; returns whether
+        the runner should put it into effect (the socket is manual: a subscription
+        takes effect only for a whole topic, stream ID + NUL, of a stream the key
+        may subscribe to; garbage and prefixes that would match several streams
+        never reach libzmq's subscription trie, where they would cost memory).
 
         A subscriber announces each ``subscribe`` command by also subscribing
         to ``0x00 + token``: the SUB socket sends subscriptions in order, so
@@ -535,7 +600,8 @@ class BrokerCore:
         """
         if not frame or frame[0] > 1:  # neither a subscription nor an unsubscription
             self.bad_input("publish", ProtocolError(f"not a subscription: {frame[:16]!r}"))
-        elif len(frame) >= 2 and frame[0] == 1 and frame[1] == 0:
+            return False
+        if len(frame) >= 2 and frame[0] == 1 and frame[1] == 0:
             token = bytes(frame[2:])
             pending = self._pending_subs.pop(token, None)
             if pending is None:
@@ -543,11 +609,29 @@ class BrokerCore:
             else:
                 client, req_id, args, _ = pending
                 self._activate(client, req_id, args)
+            return False  # a marker carries nothing to deliver
+        if frame[0] == 0:
+            return True  # unsubscribing is always allowed
+        try:
+            if frame[-1:] != b"\x00":
+                raise InvalidStreamIdError("a subscription must be a stream ID and a NUL")
+            sid = validate_stream_id(frame[1:-1].decode("utf-8"))
+        except (UnicodeDecodeError, InvalidStreamIdError) as exc:
+            self.bad_input("publish", ProtocolError(f"not a topic: {frame[:40]!r}: {exc}"))
+            return False
+        if self.permissions is not None and not self.permissions.allows(user, "subscribe", sid):
+            self._denied(user, "subscribe", sid)
+            return False
+        return True
 
     # -- control ---------------------------------------------------------------------
 
-    def on_control(self, client: bytes, frame: bytes) -> None:
-        """Take one control message from ``client`` (its ROUTER routing ID)."""
+    def on_control(self, client: bytes, frame: bytes, user: str | None = None) -> None:
+        """Take one control message from ``client`` (its ROUTER routing ID; ``user``:
+        its key's name, with CURVE)."""
+        if user is not None and not self._owns(client, user):
+            return
+        self._user = user
         self._clients[client] = self.clock()
         try:
             msg = frames.decode_control(frame)
@@ -573,6 +657,8 @@ class BrokerCore:
         try:
             if type(args) is not dict:
                 raise ProtocolError(f"{kind}: arguments must be a map")
+            if self.permissions is not None:
+                self._check_stream_permission(kind, args)
             result = handler(client, req_id, args)
         except ZEventsError as exc:
             if isinstance(exc, (ProtocolError, InvalidStreamIdError)):
@@ -688,7 +774,12 @@ class BrokerCore:
         return self._info(self._get(args))
 
     def _op_list(self, client: bytes, req_id: int, args: dict[str, Any]) -> list[dict[str, Any]]:
-        return [self._info(s) for _, s in sorted(self.streams, key=lambda kv: kv[0])]
+        perms, user = self.permissions, self._user
+        return [
+            self._info(s)
+            for sid, s in sorted(self.streams, key=lambda kv: kv[0])
+            if perms is None or perms.allows(user, "admin", sid)
+        ]
 
     def _op_cleanup(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
         threshold = args.get("threshold")
@@ -702,8 +793,8 @@ class BrokerCore:
     def _op_subscribe(self, client: bytes, req_id: int, args: dict[str, Any]) -> object:
         sid = self._stream_arg(args)
         token = args.get("token")
-        if type(token) is not bytes or not token:
-            raise ProtocolError("subscribe needs a non-empty binary token")
+        if type(token) is not bytes or not 1 <= len(token) <= _MAX_TOKEN:
+            raise ProtocolError(f"subscribe needs a binary token of 1 to {_MAX_TOKEN} bytes")
         if sid not in self.streams:
             if not args.get("create"):
                 raise StreamNotFoundError(sid, "subscribe")
@@ -714,7 +805,14 @@ class BrokerCore:
         if self._markers.pop(token, None) is not None:
             self._activate(client, req_id, args)
         else:
-            self._pending_subs[token] = (client, req_id, args, self.clock())
+            if len(self._pending_subs) >= _MAX_PENDING:
+                raise LimitExceededError(
+                    f"stream {sid}: {_MAX_PENDING} subscribe commands wait for their markers",
+                    "pending_subscribes",
+                )
+            # Only what _activate reads: the rest of the map need not wait in memory.
+            kept: dict[str, Any] = {k: args[k] for k in ("stream", "from_seq") if k in args}
+            self._pending_subs[token] = (client, req_id, kept, self.clock())
         return _DEFERRED
 
     def _activate(self, client: bytes, req_id: int, args: dict[str, Any]) -> None:
@@ -793,16 +891,27 @@ class BrokerCore:
                 self._ack(client, sid, through, 0)
         if client in self._acks:
             self._acks_due.add(client)
+        # A resend request lost on the way (sent before the client reconnected, say)
+        # would leave it waiting for acks that cannot come: ask again.
+        for (asked, sid), (expected, _) in list(self._resend_asked.items()):
+            if asked == client:
+                self._resend_asked[(asked, sid)] = (expected, self.clock())
+                self._send(client, "resend", sid, expected)
         return {}
 
     def _op_rebase(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
         """A producer answers ``resend``: everything of its own before ``pseq`` was
         answered already (by a broker that lost it); expect ``pseq`` next."""
-        stream = self._get(args)
+        sid = self._stream_arg(args)
         pseq = args.get("pseq")
         if type(pseq) is not int or not 1 <= pseq <= MAX_PSEQ:
             raise ProtocolError("rebase needs 1 <= pseq <= 2**62")
-        sid = stream.stream_id
+        stream = self.streams.find(sid)
+        if stream is None:  # as its events would have created it
+            stream = self._create_on_ingest(sid)
+            if self.durable:
+                self._changed(stream)
+        client = self._ids.setdefault(client, client)
         if stream.producers.get(client, 0) < pseq - 1:
             stream.producers[client] = pseq - 1
             self._producing.setdefault(client, set()).add(sid)
@@ -897,6 +1006,7 @@ class BrokerCore:
         """A client went silent (or said bye): it stops gating every stream it
         subscribed to.  A silent one may come back by acking (``lapse``)."""
         self._clients.pop(client, None)
+        self._owners.pop(client, None)
         sids = self._subs.pop(client, set())
         for sid in sids:
             stream = self.streams.find(sid)
@@ -949,6 +1059,7 @@ class BrokerCore:
                 producing.discard(sid)
                 if not producing:
                     del self._producing[client]
+                    self._ids.pop(client, None)
         for client in stream.cursors:
             subs = self._subs.get(client)
             if subs is not None:
@@ -979,6 +1090,8 @@ class BrokerCore:
         waited ``commit_interval``, or a producer is owed acks it waits for."""
         if not self._unstored and not self._unstored_removed:
             return False
+        if self._commit_hold and self.clock() < self._commit_hold:
+            return False
         return bool(self._acks_due) or (
             self.clock() - self._unstored_since >= self.config.commit_interval
         )
@@ -1007,6 +1120,10 @@ class BrokerCore:
                 )
             )
         return batch
+
+    def on_commit_failed(self) -> None:
+        """The store could not take the batch: try again in a while, not every round."""
+        self._commit_hold = self.clock() + _COMMIT_RETRY
 
     def on_committed(self, batch: WriteBatch) -> None:
         """``batch`` is durable: what waited for it may now be sent."""
@@ -1075,3 +1192,18 @@ MAX_PSEQ = 2**62
 
 
 _DEFERRED = object()  # a handler that replies later (subscribe waits for its marker)
+
+#: Which permissions let a key run a stream command (any one of them will do).
+#: Commands not listed act on no stream (hello, hb, sync, bye: everyone) or on
+#: the whole broker (list: filtered to the key's admin prefixes; stats, cleanup:
+#: admin of every stream).
+_COMMAND_ACTIONS: dict[str, tuple[str, ...]] = {
+    "create": ("produce", "admin"),
+    "get_or_create": ("produce", "admin"),
+    "close": ("produce", "admin"),
+    "rebase": ("produce",),
+    "info": ("produce", "subscribe", "admin"),
+    "subscribe": ("subscribe",),
+    "fetch": ("subscribe",),
+    "unsubscribe": ("subscribe",),
+}

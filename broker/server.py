@@ -12,13 +12,16 @@ import ipaddress
 import logging
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from urllib.parse import urlsplit
 
 import zmq
 
-from zevents.errors import ProtocolError
+from zevents.errors import KeyFileError, PermissionDeniedError, ProtocolError
+from zevents.keys import load_public_keys, load_secret_key
 
+from .auth import Permissions, ZapHandler
 from .config import BrokerConfig
 from .core import BrokerCore
 from .store import Store, StoreError
@@ -32,6 +35,7 @@ _TICK = 0.1  # seconds between timer passes
 _HWM = 100_000
 _INGEST_HWM = 1_000
 _MAINTAIN = 30.0  # seconds between store maintenance passes
+_MAX_SUBSCRIPTION = 300  # bytes (a topic is at most 258); ZeroMQ drops a peer sending more
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -45,6 +49,50 @@ def is_loopback(endpoint: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a wildcard or an interface name
+
+
+def _user_of(frame: zmq.Frame) -> str | None:
+    """The name of the key a message came with (None if it came with none)."""
+    try:
+        user = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return user if isinstance(user, str) and user else None
+
+
+def _apply(publish: zmq.Socket[bytes], data: bytes) -> None:
+    """Put a (un)subscription the core allowed into effect (XPUB_MANUAL: for the
+    connection the last message came from)."""
+    publish.setsockopt(zmq.SUBSCRIBE if data[0] == 1 else zmq.UNSUBSCRIBE, data[1:])
+
+
+def _frame_count_error(parts: list[bytes]) -> ProtocolError:
+    return ProtocolError(f"{len(parts) - 1} frames, expected 1")
+
+
+def _load_security(
+    config: BrokerConfig,
+) -> tuple[Permissions | None, bytes | None, dict[bytes, str]]:
+    """The permission file, the broker's secret key and the authorized client keys
+    the config names; :class:`ZEventsError` subclasses if any is missing or bad."""
+    if config.curve_secret is None:
+        if config.curve_clients is not None or config.permissions is not None:
+            raise KeyFileError(
+                "--curve-clients and --permissions need --curve-secret (the broker's key)"
+            )
+        return None, None, {}
+    if config.curve_clients is None:
+        raise KeyFileError(
+            "--curve-secret needs --curve-clients: the public keys of the clients to accept"
+        )
+    _, secret = load_secret_key(config.curve_secret)
+    clients = load_public_keys(config.curve_clients)
+    permissions = Permissions.load(config.permissions) if config.permissions else None
+    if permissions is not None:
+        names = set(clients.values())
+        for name in sorted(set(permissions.grants) - names):
+            log.warning("permission file names key %r, which is not an authorized client", name)
+    return permissions, secret, clients
 
 
 class Broker:
@@ -67,6 +115,15 @@ class Broker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
+        self.permissions, self._server_key, client_keys = _load_security(config)
+        self.zap: ZapHandler | None = None
+        self._zap_sock: zmq.Socket[bytes] | None = None
+        if self._server_key is not None:
+            # The ZAP handler must be bound before the sockets it guards accept anyone.
+            self.zap = ZapHandler(client_keys, self._on_denied)
+            self._zap_sock = self.ctx.socket(zmq.REP)
+            self._zap_sock.setsockopt(zmq.LINGER, 0)
+            self._zap_sock.bind("inproc://zeromq.zap.01")
         maxsize = max(config.max_message_size * 2, 1 << 16)
         self.control = self._socket(zmq.ROUTER, maxsize)
         self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -74,7 +131,11 @@ class Broker:
         # Ingest waits in the producers' queues, not ours: a deep queue here only
         # raises the broker's peak memory (the credit window already bounds a stream).
         self.ingest.setsockopt(zmq.RCVHWM, _INGEST_HWM)
-        self.publish = self._socket(zmq.XPUB, 1 << 16)
+        # Subscriptions are at most a topic (258 bytes) or a marker: anything much
+        # longer only costs memory in libzmq's subscription trie.
+        self.publish = self._socket(zmq.XPUB, _MAX_SUBSCRIPTION)
+        # Manual: a subscription takes effect only once the core allowed it.
+        self.publish.setsockopt(zmq.XPUB_MANUAL, 1)
         try:
             self.endpoints = {
                 "control": self._bind(self.control, config.control),
@@ -84,7 +145,7 @@ class Broker:
         except zmq.ZMQError:
             self._close_sockets()
             raise
-        self.core = BrokerCore(config, self.endpoints)
+        self.core = BrokerCore(config, self.endpoints, permissions=self.permissions)
         self.store: Store | None = None
         if config.data_dir is not None:
             try:
@@ -110,6 +171,10 @@ class Broker:
         # ZMTP heartbeats notice a peer that vanished without closing its TCP connection.
         s.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        if self._server_key is not None:
+            s.setsockopt(zmq.CURVE_SERVER, 1)
+            s.setsockopt(zmq.CURVE_SECRETKEY, self._server_key)
+            s.setsockopt(zmq.ZAP_DOMAIN, b"zevents")
         return s
 
     @staticmethod
@@ -126,8 +191,13 @@ class Broker:
     def run(self) -> None:
         """Serve until :meth:`stop` is called (from a signal handler or another thread)."""
         for name, ep in self.endpoints.items():
-            if not is_loopback(ep):
-                log.warning("%s endpoint %s is not loopback and traffic is not encrypted", name, ep)
+            if not is_loopback(ep) and self._server_key is None:
+                log.warning(
+                    "%s endpoint %s is not loopback and traffic is neither encrypted nor"
+                    " authenticated (give the broker --curve-secret)",
+                    name,
+                    ep,
+                )
         log.info(
             "zevents broker %s listening: control=%s ingest=%s publish=%s",
             self.core.broker_id,
@@ -143,50 +213,32 @@ class Broker:
 
     def _loop(self) -> None:
         core = self.core
-        control, ingest, publish = self.control, self.ingest, self.publish
+        secure = self._server_key is not None
+        # (socket, what drains it): the secure drains read each message with its
+        # key's name; the plain ones stay free of that cost.
+        drains: list[tuple[zmq.Socket[bytes], Callable[[], None]]] = [
+            (self.control, self._drain_control_secure if secure else self._drain_control),
+            (self.ingest, self._drain_ingest_secure if secure else self._drain_ingest),
+            (self.publish, self._drain_publish_secure if secure else self._drain_publish),
+        ]
+        if self._zap_sock is not None:
+            drains.insert(0, (self._zap_sock, self._drain_zap))
         poller = zmq.Poller()
-        poller.register(control, zmq.POLLIN)
-        poller.register(ingest, zmq.POLLIN)
-        poller.register(publish, zmq.POLLIN)
+        for sock, _ in drains:
+            poller.register(sock, zmq.POLLIN)
         next_tick = time.monotonic() + _TICK
         next_maintain = time.monotonic() + _MAINTAIN
         store = self.store
-        noblock = zmq.NOBLOCK
-        again = zmq.Again
         while not self._stop.is_set():
             wake = next_tick
-            deadline = core.next_deadline()  # owed acks waiting to be coalesced
+            deadline = core.next_deadline()  # owed acks waiting to be coalesced, a commit
             if deadline is not None and deadline < wake:
                 wake = deadline
             timeout = max(0.0, wake - time.monotonic())
             ready = dict(poller.poll(int(timeout * 1000)))
-            if control in ready:
-                for _ in range(_DRAIN):
-                    try:
-                        parts = control.recv_multipart(noblock)
-                    except again:
-                        break
-                    if len(parts) == 2:
-                        core.on_control(parts[0], parts[1])
-                    else:
-                        core.reject_control(
-                            parts[0], ProtocolError(f"{len(parts) - 1} frames, expected 1")
-                        )
-            if ingest in ready:
-                recv = ingest.recv
-                on_ingest = core.on_ingest
-                for _ in range(_DRAIN):
-                    try:
-                        frame = recv(noblock)
-                    except again:
-                        break
-                    on_ingest(frame)
-            if publish in ready:
-                for _ in range(_DRAIN):
-                    try:
-                        core.on_subscription(publish.recv(noblock))
-                    except again:
-                        break
+            for sock, drain in drains:
+                if sock in ready:
+                    drain()
             now = time.monotonic()
             if now >= next_tick:
                 core.on_tick()
@@ -199,6 +251,87 @@ class Broker:
                     next_maintain = now + _MAINTAIN
             self._send(*core.flush())
 
+    # Each drain takes what one socket has ready, up to _DRAIN messages, so the
+    # others get their turn.
+
+    def _drain_control(self) -> None:
+        control, core = self.control, self.core
+        for _ in range(_DRAIN):
+            try:
+                parts = control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(parts) == 2:
+                core.on_control(parts[0], parts[1])
+            else:
+                core.reject_control(parts[0], _frame_count_error(parts))
+
+    def _drain_ingest(self) -> None:
+        recv, on_ingest = self.ingest.recv, self.core.on_ingest
+        noblock, again = zmq.NOBLOCK, zmq.Again
+        for _ in range(_DRAIN):
+            try:
+                frame = recv(noblock)
+            except again:
+                return
+            on_ingest(frame)
+
+    def _drain_publish(self) -> None:
+        publish, core = self.publish, self.core
+        for _ in range(_DRAIN):
+            try:
+                data = publish.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if core.on_subscription(data):
+                _apply(publish, data)
+
+    def _drain_zap(self) -> None:
+        zap_sock, zap = self._zap_sock, self.zap
+        assert zap_sock is not None and zap is not None
+        for _ in range(_DRAIN):
+            try:
+                request = zap_sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            zap_sock.send_multipart(zap.handle(request))
+
+    def _drain_control_secure(self) -> None:
+        control, core = self.control, self.core
+        for _ in range(_DRAIN):
+            try:
+                parts = control.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            data = [p.bytes for p in parts]
+            if len(data) == 2:
+                core.on_control(data[0], data[1], _user_of(parts[-1]))
+            else:
+                core.reject_control(data[0], _frame_count_error(data))
+
+    def _drain_ingest_secure(self) -> None:
+        ingest, core = self.ingest, self.core
+        for _ in range(_DRAIN):
+            try:
+                frame = ingest.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            core.on_ingest(frame.bytes, _user_of(frame))
+
+    def _drain_publish_secure(self) -> None:
+        publish, core = self.publish, self.core
+        for _ in range(_DRAIN):
+            try:
+                frame = publish.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            data = frame.bytes
+            if core.on_subscription(data, _user_of(frame)):
+                _apply(publish, data)
+
+    def _on_denied(self, why: str) -> None:
+        self.core.bad_input("auth", PermissionDeniedError(why))
+
     def _commit(self, store: Store) -> bool:
         """One group commit; False (logged, retried next round) if it failed."""
         batch = self.core.take_writes()
@@ -206,8 +339,9 @@ class Broker:
             store.commit(batch)
         except StoreError as exc:
             # Nothing it held is acknowledged or published, so nothing is lost:
-            # producers wait (and resend after their timeout) until the disk is back.
+            # clients wait (their calls time out) until the disk is back.
             self.core.bad_input("store", exc)
+            self.core.on_commit_failed()
             return False
         self.core.on_committed(batch)
         return True
@@ -241,6 +375,8 @@ class Broker:
     def _close_sockets(self) -> None:
         for s in (self.control, self.ingest, self.publish):
             s.close()
+        if self._zap_sock is not None:
+            self._zap_sock.close()
 
     def stop(self) -> None:
         """Ask :meth:`run` to return (safe from any thread or a signal handler)."""

@@ -22,6 +22,7 @@ Only this module touches the database; it never touches a socket.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import sqlite3
@@ -132,14 +133,25 @@ class Store:
     def __init__(self, data_dir: str, sync: str = "normal") -> None:
         if sync not in ("normal", "full"):
             raise StoreError(f"sync must be 'normal' or 'full', not {sync!r}")
+        self._lock_fd = -1
         try:
             os.makedirs(data_dir, exist_ok=True)
+            # One broker per directory: a second one would interleave its writes.
+            self._lock_fd = os.open(os.path.join(data_dir, "zevents.lock"), os.O_RDWR | os.O_CREAT)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(
+                    f"data directory {data_dir!r} is in use by another broker"
+                ) from None
             self.path = os.path.join(data_dir, "zevents.sqlite3")
             # Autocommit mode: transactions are explicit (BEGIN ... COMMIT) below.
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db = self._db
             # Set before the first table exists; lets maintain() return freed pages.
             db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            # Nobody else writes here (the lock): never stall the loop waiting.
+            db.execute("PRAGMA busy_timeout = 100")
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StoreError(f"{self.path}: cannot use WAL mode (got {mode!r})")
@@ -159,6 +171,8 @@ class Store:
             opened: sqlite3.Connection | None = getattr(self, "_db", None)
             if opened is not None:
                 opened.close()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
             if isinstance(exc, StoreError):
                 raise
             raise StoreError(f"data directory {data_dir!r} is not usable: {exc}") from exc
@@ -285,9 +299,13 @@ class Store:
         return total
 
     def close(self) -> None:
-        """Checkpoint and close the database."""
+        """Checkpoint and close the database (a second call does nothing)."""
+        if self._lock_fd < 0:
+            return
         try:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error:
             pass
         self._db.close()
+        os.close(self._lock_fd)  # releases the directory
+        self._lock_fd = -1

@@ -422,7 +422,10 @@ def test_rebase_never_moves_a_producer_back(b: Broker) -> None:
     b.flush()
     assert b.ok(P, "rebase", {"stream": "s", "pseq": 2}) == {"next_pseq": 4}
     assert b.err(P, "rebase", {"stream": "s", "pseq": 0})[0] == "PROTOCOL_ERROR"
-    assert b.err(P, "rebase", {"stream": "nope", "pseq": 5})[0] == "STREAM_NOT_FOUND"
+    # An unknown stream is created, as the producer's events would have created it.
+    assert b.ok(P, "rebase", {"stream": "new", "pseq": 5}) == {"next_pseq": 5}
+    b.ingest("new", 5, [ev(5)])
+    assert acks_of(b.flush()[1]) == [["new", 5]]
 
 
 # -- invalid events ------------------------------------------------------------------------

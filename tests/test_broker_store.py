@@ -8,6 +8,7 @@ with ``BrokerConfig(data_dir=...)`` and the runner's group commit done by hand:
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -45,6 +46,9 @@ def open_store() -> Iterator[Callable[..., Store]]:
     opened: list[Store] = []
 
     def _open(data_dir: Path | str, sync: str = "normal") -> Store:
+        for earlier in opened:  # it "crashed": its process would have let go of the lock
+            if Path(earlier.path).parent == Path(data_dir) and earlier._lock_fd >= 0:
+                fcntl.flock(earlier._lock_fd, fcntl.LOCK_UN)
         store = Store(str(data_dir), sync)
         opened.append(store)
         return store
@@ -841,3 +845,11 @@ def test_stream_removed_and_created_again_in_one_commit_survives_a_restart(
     assert [(s.name, s.next_seq, s.events) for s in b2.store.load()] == [  # type: ignore[union-attr]
         ("s", 2, [ev(7)])
     ]
+
+
+def test_a_second_store_on_one_directory_is_refused(tmp_path: Path) -> None:
+    first = Store(str(tmp_path))
+    with pytest.raises(StoreError, match="in use by another broker"):
+        Store(str(tmp_path))
+    first.close()
+    Store(str(tmp_path)).close()  # free again once the first let go

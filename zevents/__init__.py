@@ -20,6 +20,7 @@ from .errors import (
     BrokerUnavailableError,
     InvalidEventError,
     InvalidStreamIdError,
+    KeyFileError,
     LimitExceededError,
     PermissionDeniedError,
     ProtocolError,
@@ -38,6 +39,7 @@ from .errors import (
 )
 from .events import Event, EventType
 from .ids import MAX_STREAM_ID_BYTES, validate_stream_id
+from .keys import ClientKeys, generate_keys
 from .manager import StreamInfo, StreamManager
 from .protocol.records import BrokerStats, RemoteStreamInfo
 from .stream import BackpressurePolicy, EventStream, StreamStatistics
@@ -51,6 +53,7 @@ __all__ = [
     "AsyncSubscriber",
     "AsyncSubscription",
     "BrokerStats",
+    "ClientKeys",
     "Producer",
     "RemoteStreamInfo",
     "StreamClosed",
@@ -64,6 +67,7 @@ __all__ = [
     "EventType",
     "InvalidEventError",
     "InvalidStreamIdError",
+    "KeyFileError",
     "LimitExceededError",
     "PermissionDeniedError",
     "ProtocolError",
@@ -82,5 +86,6 @@ __all__ = [
     "is_stream_closed",
     "is_stream_full",
     "is_stream_not_found",
+    "generate_keys",
     "validate_stream_id",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -110,13 +111,44 @@ def _friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-_broker_option = click.option(
-    "--broker",
-    envvar="ZEVENTS_BROKER",
-    default="tcp://127.0.0.1:5555",
-    show_default=True,
-    help="The broker's control endpoint (env ZEVENTS_BROKER).",
+def _to_env(name: str) -> Callable[[click.Context, click.Parameter, str | None], None]:
+    """A click callback that puts the option's value in ``$name`` for the SDK to read."""
+
+    def put(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        if value:
+            os.environ[name] = value
+
+    return put
+
+
+_curve_key_option = click.option(
+    "--curve-key",
+    type=click.Path(exists=True, dir_okay=False),
+    expose_value=False,
+    callback=_to_env("ZEVENTS_CURVE_KEY"),
+    help="This client's secret key file, for a CURVE broker (env ZEVENTS_CURVE_KEY).",
 )
+_curve_server_option = click.option(
+    "--curve-server",
+    type=click.Path(exists=True, dir_okay=False),
+    expose_value=False,
+    callback=_to_env("ZEVENTS_CURVE_SERVER"),
+    help="The broker's public key file, for a CURVE broker (env ZEVENTS_CURVE_SERVER).",
+)
+
+
+def _broker_option(fn: F) -> F:
+    """``--broker`` and the CURVE key options every client command takes."""
+    fn = _curve_server_option(_curve_key_option(fn))
+    return click.option(
+        "--broker",
+        envvar="ZEVENTS_BROKER",
+        default="tcp://127.0.0.1:5555",
+        show_default=True,
+        help="The broker's control endpoint (env ZEVENTS_BROKER).",
+    )(fn)
+
+
 _timeout_option = click.option(
     "--timeout",
     type=float,
@@ -494,6 +526,8 @@ def close(stream: str, broker: str, timeout: float) -> None:
     default=None,
     help="Use this running broker (env ZEVENTS_BROKER) instead of starting one in-process.",
 )
+@_curve_key_option
+@_curve_server_option
 @_timeout_option
 @_friendly
 def demo(broker: str | None, timeout: float) -> None:
@@ -531,6 +565,36 @@ def demo(broker: str | None, timeout: float) -> None:
         if server is not None:
             server.stop()
             server.join(timeout=5)
+
+
+@cli.group()
+def keys() -> None:
+    """CurveZMQ key pairs for the broker and its clients."""
+
+
+@keys.command("generate")
+@click.argument("name")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False),
+    default=".",
+    show_default=True,
+    help="Where to write NAME.key (public) and NAME.key_secret (secret, mode 600).",
+)
+@_friendly
+def generate(name: str, directory: str) -> None:
+    """Write a new key pair NAME.key and NAME.key_secret.
+
+    Give the broker its .key_secret (--curve-secret) and put each client's .key
+    in the broker's --curve-clients directory; a client needs its own
+    .key_secret (--curve-key) and the broker's .key (--curve-server).
+    """
+    from .keys import generate_keys
+
+    public, secret = generate_keys(directory, name)
+    click.echo(f"public key: {public}")
+    click.echo(f"secret key: {secret}  (keep it private)")
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ their ``str()`` reads ``stream <id>: <op>: <reason>``::
     │   └── VersionMismatchError                        VERSION_MISMATCH
     ├── LimitExceededError             (.limit)         LIMIT_EXCEEDED
     ├── PermissionDeniedError                           PERMISSION_DENIED
-    └── BrokerUnavailableError (ConnectionError)        (local only: never on the wire)
+    ├── BrokerUnavailableError (ConnectionError)        (local only: never on the wire)
+    └── KeyFileError                                    (local only: a CURVE key file)
 
 The right-hand column is the stable wire error code (see ``docs/protocol.md``);
 :func:`error_from_wire` and :attr:`ZEventsError.code` map codes and classes
@@ -34,6 +35,7 @@ __all__ = [
     "BrokerUnavailableError",
     "InvalidEventError",
     "InvalidStreamIdError",
+    "KeyFileError",
     "LimitExceededError",
     "PermissionDeniedError",
     "ProtocolError",
@@ -242,6 +244,10 @@ class PermissionDeniedError(ZEventsError):
     """The client's key may not do this."""
 
     code = "PERMISSION_DENIED"
+
+
+class KeyFileError(ZEventsError):
+    """A CURVE key file is missing, unreadable or not a ZeroMQ certificate."""
 
 
 class BrokerUnavailableError(ZEventsError, ConnectionError):

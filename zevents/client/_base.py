@@ -14,7 +14,8 @@ from typing import Any
 
 import zmq
 
-from ..errors import BrokerUnavailableError, ProtocolError
+from ..errors import BrokerUnavailableError, PermissionDeniedError, ProtocolError, ZEventsError
+from ..keys import ClientKeys
 from ..protocol import frames
 from ..protocol.session import Handshake, Reply, Session
 
@@ -36,9 +37,12 @@ class _ClientBase:
 
     _closed: bool
 
-    def __init__(self, broker: str | None, timeout: float) -> None:
+    def __init__(self, broker: str | None, timeout: float, keys: ClientKeys | None = None) -> None:
         self.broker = resolve_broker(broker)
         self.timeout = timeout
+        # CURVE: the keys given, else $ZEVENTS_CURVE_KEY/$ZEVENTS_CURVE_SERVER, else plain.
+        self.keys = keys if keys is not None else ClientKeys.from_env()
+        self._auth_monitor: zmq.Socket[Any] | None = None
         self._session = Session(self.broker)
         self._closed = False
         self._replies: dict[Any, Reply] = {}
@@ -63,10 +67,40 @@ class _ClientBase:
 
     def _setup_control(self, sock: zmq.Socket[Any]) -> None:
         sock.setsockopt(zmq.ROUTING_ID, self._session.client_id)
+        self._tune(sock)
+        if self.keys is not None:
+            # A broker refusing our key just never answers: watch for why.
+            self._auth_monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        sock.connect(self.broker)
+
+    def _refused(self, exc: BrokerUnavailableError) -> ZEventsError:
+        """What a handshake that got no answer means: the broker refused our key
+        (:class:`PermissionDeniedError`) if it said so, else ``exc``."""
+        monitor = self._auth_monitor
+        if monitor is None:
+            return exc
+        raw: zmq.Socket[Any] = zmq.Socket.shadow(monitor.underlying)
+        try:
+            raw.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return exc
+        return PermissionDeniedError(
+            f"the broker at {self.broker} refused this client's CURVE key (is its public key"
+            " in the broker's --curve-clients, and is --curve-server the broker's key?)"
+        )
+
+    def _close_monitor(self) -> None:
+        if self._auth_monitor is not None:
+            self._auth_monitor.close(linger=0)
+            self._auth_monitor = None
+
+    def _tune(self, sock: zmq.Socket[Any]) -> None:
+        """What every client socket gets before it connects."""
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, _HWM)
         sock.setsockopt(zmq.RCVHWM, _HWM)
-        sock.connect(self.broker)
+        if self.keys is not None:
+            self.keys.apply(sock)
 
     # -- incoming -------------------------------------------------------------------
 

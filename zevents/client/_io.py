@@ -20,7 +20,8 @@ import zmq
 import zmq.asyncio
 
 from ..errors import BrokerUnavailableError
-from ._base import _HWM, _ClientBase
+from ..keys import ClientKeys
+from ._base import _ClientBase
 
 __all__ = ["AsyncIO", "SyncIO"]
 
@@ -56,8 +57,9 @@ class SyncIO(_ClientBase):
         broker: str | None,
         timeout: float,
         context: zmq.Context[Any] | None = None,
+        keys: ClientKeys | None = None,
     ) -> None:
-        super().__init__(broker, timeout)
+        super().__init__(broker, timeout, keys)
         self._own_ctx = context is None
         self._ctx: zmq.Context[Any] = context or zmq.Context()
         self._ctl = self._ctx.socket(zmq.DEALER)
@@ -90,15 +92,16 @@ class SyncIO(_ClientBase):
 
     def _new_socket(self, kind: int) -> zmq.Socket[Any]:
         s: zmq.Socket[Any] = self._ctx.socket(kind)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, _HWM)
-        s.setsockopt(zmq.RCVHWM, _HWM)
+        self._tune(s)
         return s
 
     def _send_control(self, frame: bytes) -> None:
         with self._io_lock:
             self._session.sent(time.monotonic())
-            self._ctl.send(frame)
+            try:
+                self._ctl.send(frame, zmq.NOBLOCK)
+            except zmq.Again:  # no connection to queue on (refused): liveness tells
+                pass
 
     def _connect(self) -> None:
         """Handshake, or :class:`BrokerUnavailableError` within ``timeout``."""
@@ -108,9 +111,16 @@ class SyncIO(_ClientBase):
                 lambda: "hello" in self._replies, self.timeout, "the handshake", required=True
             )
             self._take_reply("hello")
+        except BrokerUnavailableError as exc:
+            refused = self._refused(exc)
+            self._close_sockets()
+            if refused is exc:
+                raise
+            raise refused from exc
         except BaseException:
             self._close_sockets()
             raise
+        self._close_monitor()
         self._start_keepalive()
 
     def _pump(self, timeout: float) -> None:
@@ -191,6 +201,7 @@ class SyncIO(_ClientBase):
             self._ctl.close(linger=100)  # long enough for the bye to leave
             for sock in self._data_socks:
                 sock.close(linger=0)
+            self._close_monitor()
         if self._own_ctx:
             self._ctx.term()
 
@@ -203,8 +214,9 @@ class AsyncIO(_ClientBase):
         broker: str | None,
         timeout: float,
         context: zmq.asyncio.Context | None = None,
+        keys: ClientKeys | None = None,
     ) -> None:
-        super().__init__(broker, timeout)
+        super().__init__(broker, timeout, keys)
         self._own_ctx = context is None
         self._ctx = context or zmq.asyncio.Context()
         self._ctl = self._ctx.socket(zmq.DEALER)
@@ -216,14 +228,17 @@ class AsyncIO(_ClientBase):
 
     def _new_socket(self, kind: int) -> zmq.asyncio.Socket:
         s = self._ctx.socket(kind)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, _HWM)
-        s.setsockopt(zmq.RCVHWM, _HWM)
+        self._tune(s)
         return s
 
     def _send_control(self, frame: bytes) -> None:
         self._session.sent(time.monotonic())
-        self._ctl.send(frame)  # DEALER: queued at once, never waits at our HWM
+        try:
+            # DEALER: queued at once (never waits at our HWM); with no connection to
+            # queue on (the broker refused our key) it is dropped: liveness tells.
+            self._ctl.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def _notify(self) -> None:
         old, self._changed = self._changed, asyncio.Event()
@@ -272,9 +287,16 @@ class AsyncIO(_ClientBase):
                 lambda: "hello" in self._replies, self.timeout, "the handshake", required=True
             )
             self._take_reply("hello")
+        except BrokerUnavailableError as exc:
+            refused = self._refused(exc)
+            await self._close_sockets()
+            if refused is exc:
+                raise
+            raise refused from exc
         except BaseException:
             await self._close_sockets()
             raise
+        self._close_monitor()
         self._tasks.append(asyncio.ensure_future(self._heartbeat()))
 
     async def _wait(
@@ -350,5 +372,6 @@ class AsyncIO(_ClientBase):
         self._ctl.close(linger=100)  # long enough for the bye to leave
         for sock in self._data_socks:
             sock.close(linger=0)
+        self._close_monitor()
         if self._own_ctx:
             self._ctx.term()

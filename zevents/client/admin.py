@@ -15,6 +15,7 @@ import zmq
 import zmq.asyncio
 
 from ..ids import validate_stream_id
+from ..keys import ClientKeys
 from ..protocol.records import BrokerStats, RemoteStreamInfo
 from ..stream import BackpressurePolicy
 from ._base import DEFAULT_TIMEOUT, _ClientBase
@@ -55,8 +56,9 @@ class Admin(_AdminLogic, SyncIO):
         *,
         timeout: float = DEFAULT_TIMEOUT,
         context: zmq.Context[Any] | None = None,
+        keys: ClientKeys | None = None,
     ) -> None:
-        SyncIO.__init__(self, broker, timeout, context)
+        SyncIO.__init__(self, broker, timeout, context, keys)
         self._connect()
 
     def _call(self, op: str, args: dict[str, Any]) -> Any:
@@ -138,8 +140,9 @@ class AsyncAdmin(_AdminLogic, AsyncIO):
         *,
         timeout: float = DEFAULT_TIMEOUT,
         context: zmq.asyncio.Context | None = None,
+        keys: ClientKeys | None = None,
     ) -> None:
-        AsyncIO.__init__(self, broker, timeout, context)
+        AsyncIO.__init__(self, broker, timeout, context, keys)
 
     async def _call(self, op: str, args: dict[str, Any]) -> Any:
         self._check_open()

@@ -25,6 +25,7 @@ import zmq.asyncio
 from ..errors import InvalidEventError
 from ..events import Event
 from ..ids import validate_stream_id
+from ..keys import ClientKeys
 from ..protocol.producer import ProducerState, StreamClosed
 from ..protocol.session import Reply
 from ._base import DEFAULT_TIMEOUT, _ClientBase
@@ -155,8 +156,9 @@ class Producer(_ProducerLogic, SyncIO):
         *,
         timeout: float = DEFAULT_TIMEOUT,
         context: zmq.Context[Any] | None = None,
+        keys: ClientKeys | None = None,
     ) -> None:
-        SyncIO.__init__(self, broker, timeout, context)
+        SyncIO.__init__(self, broker, timeout, context, keys)
         self._connect()
         self._push = self._new_socket(zmq.PUSH)
         self._data_socks[self._push] = lambda frame: None
@@ -255,8 +257,9 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
         *,
         timeout: float = DEFAULT_TIMEOUT,
         context: zmq.asyncio.Context | None = None,
+        keys: ClientKeys | None = None,
     ) -> None:
-        AsyncIO.__init__(self, broker, timeout, context)
+        AsyncIO.__init__(self, broker, timeout, context, keys)
         self._pending: dict[str, list[bytes]] = {}
         self._flush_scheduled = False
         self._push: zmq.asyncio.Socket | None = None

@@ -23,6 +23,7 @@ import zmq.asyncio
 from ..errors import ProtocolError, StreamNotFoundError, ZEventsError
 from ..events import Event
 from ..ids import validate_stream_id
+from ..keys import ClientKeys
 from ..protocol import frames
 from ..protocol.session import Reply
 from ..protocol.subscriber import SubscriberState
@@ -191,8 +192,9 @@ class Subscriber(_SubscriberLogic, SyncIO):
         *,
         timeout: float = DEFAULT_TIMEOUT,
         context: zmq.Context[Any] | None = None,
+        keys: ClientKeys | None = None,
     ) -> None:
-        SyncIO.__init__(self, broker, timeout, context)
+        SyncIO.__init__(self, broker, timeout, context, keys)
         self._init_subscriber()
         self._connect()
         self._sub = self._new_socket(zmq.SUB)
@@ -308,8 +310,9 @@ class AsyncSubscriber(_SubscriberLogic, AsyncIO):
         *,
         timeout: float = DEFAULT_TIMEOUT,
         context: zmq.asyncio.Context | None = None,
+        keys: ClientKeys | None = None,
     ) -> None:
-        AsyncIO.__init__(self, broker, timeout, context)
+        AsyncIO.__init__(self, broker, timeout, context, keys)
         self._init_subscriber()
 
     def _after_connect(self) -> None:

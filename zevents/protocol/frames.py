@@ -168,7 +168,8 @@ def _object_size(frame: bytes, pos: int) -> int | None:
     lenient = msgpack.Unpacker(raw=True, timestamp=0, strict_map_key=False)
     lenient.feed(memoryview(frame)[pos:])
     try:
-        lenient.skip()
+        # unpack, not skip: skip() takes an ext 32 declaring 2**32-1 bytes for 5.
+        lenient.unpack()
     except Exception:
         return None
     size: int = lenient.tell()

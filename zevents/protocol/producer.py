@@ -146,12 +146,24 @@ class ProducerState:
         out = self._streams.get(stream_id)
         if out is None or not out.unacked or out.closed:
             return []
-        first = out.unacked[0][0]
-        if all(p == first + i for i, (p, _) in enumerate(out.unacked)):
-            raws = b"".join(raw for _, raw in out.unacked)
-            return [frames.encode_ingest(out.topic, self.client_id, first, raws)]
-        # Holes left by nacks: one frame per event keeps the pseqs right.
-        return [frames.encode_ingest(out.topic, self.client_id, p, raw) for p, raw in out.unacked]
+        # Runs of consecutive pseqs (nacks leave holes), each cut to the same
+        # max_batch and max_message_size as a first send.
+        budget = self.max_message_size - (len(out.topic) + frames.CLIENT_ID_SIZE + 8)
+        result: list[bytes] = []
+        run: list[bytes] = []
+        first = size = 0
+        for p, raw in out.unacked:
+            if run and (
+                p != first + len(run) or len(run) >= self.max_batch or size + len(raw) > budget
+            ):
+                result.append(frames.encode_ingest(out.topic, self.client_id, first, b"".join(run)))
+                run = []
+            if not run:
+                first, size = p, 0
+            run.append(raw)
+            size += len(raw)
+        result.append(frames.encode_ingest(out.topic, self.client_id, first, b"".join(run)))
+        return result
 
     def on_resend(self, stream_id: str, expected: int) -> int | None:
         """The broker got a frame of ``stream_id`` past a gap: it has our events up
