@@ -25,13 +25,20 @@ LOOPBACK = "tcp://127.0.0.1:0"
 
 
 @worker
-def broker(q: Any, buffer_size: int) -> None:
-    """A zevents broker on free loopback ports; stops cleanly on SIGTERM."""
+def broker(q: Any, buffer_size: int, opts: dict[str, Any] | None = None) -> None:
+    """A zevents broker on free loopback ports; stops cleanly on SIGTERM.  ``opts``:
+    more :class:`BrokerConfig` fields (a data directory, CURVE keys)."""
     from broker.config import BrokerConfig
     from broker.server import Broker
 
     b = Broker(
-        BrokerConfig(control=LOOPBACK, ingest=LOOPBACK, publish=LOOPBACK, buffer_size=buffer_size)
+        BrokerConfig(
+            control=LOOPBACK,
+            ingest=LOOPBACK,
+            publish=LOOPBACK,
+            buffer_size=buffer_size,
+            **(opts or {}),
+        )
     )
     signal.signal(signal.SIGTERM, lambda *_: b.stop())
     q.put({"role": "server", "pid": os.getpid(), **b.endpoints})

@@ -33,7 +33,7 @@ import tempfile
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,15 +200,64 @@ def zevents_run(
     rate: float | None = None,
     fanout: bool = False,
     create: bool = True,
+    hardened: str = "",
 ) -> dict[str, Any]:
-    """One zevents run: a broker, ``producers`` and ``subscribers`` processes."""
+    """One zevents run: a broker, ``producers`` and ``subscribers`` processes.
+    ``hardened``: "durable" (a data directory) or "curve" (CURVE on every socket)."""
+    with _hardening(hardened) as opts:
+        return _zevents_run(
+            c, streams, producers, subscribers, per_stream, batch, buffer_size, policy, rate,
+            fanout, create, opts,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _hardening(kind: str) -> Iterator[dict[str, Any]]:
+    """Broker options (and client environment) for a hardened run, cleaned up after."""
+    if not kind:
+        yield {}
+        return
+    with tempfile.TemporaryDirectory(prefix="zevents-bench-") as tmp:
+        if kind == "durable":
+            yield {"data_dir": tmp}
+            return
+        from zevents.keys import generate_keys
+
+        _, broker_secret = generate_keys(f"{tmp}/broker", "broker")
+        _, client_secret = generate_keys(f"{tmp}/clients", "bench")
+        env = {
+            "ZEVENTS_CURVE_KEY": str(client_secret),
+            "ZEVENTS_CURVE_SERVER": f"{tmp}/broker/broker.key",
+        }
+        os.environ.update(env)  # the client processes inherit it
+        try:
+            yield {"curve_secret": str(broker_secret), "curve_clients": f"{tmp}/clients"}
+        finally:
+            for key in env:
+                os.environ.pop(key, None)
+
+
+def _zevents_run(
+    c: Ctx,
+    streams: int,
+    producers: int,
+    subscribers: int,
+    per_stream: int,
+    batch: int,
+    buffer_size: int,
+    policy: str,
+    rate: float | None,
+    fanout: bool,
+    create: bool,
+    opts: dict[str, Any],
+) -> dict[str, Any]:
     from zevents import Admin
 
     names = [f"session-{i + 1}" for i in range(streams)]
     latency = rate is not None
     started = time.monotonic()
     with c.run() as run:
-        run.spawn(zv.broker, buffer_size, name="broker")
+        run.spawn(zv.broker, buffer_size, opts, name="broker")
         srv = run.expect("server")[0]
         ctl = srv["control"]
         with Admin(ctl, timeout=30) as admin:
@@ -412,6 +461,15 @@ def scenarios(c: Ctx) -> list[Scenario]:
         Scenario("zevents 1p1s BLOCK send_many64 buf1000", "zevents",
                  lambda c: zevents_run(c, per_stream=n(300_000, 60_000), batch=64,
                                        buffer_size=1000), quick_repeats=1),
+        Scenario("zevents 1p1s BLOCK send_many64 buf100 durable", "zevents",
+                 lambda c: zevents_run(c, per_stream=n(300_000, 60_000), batch=64,
+                                       hardened="durable"), quick_repeats=1),
+        Scenario("zevents 1p1s BLOCK send_many64 buf100 CURVE", "zevents",
+                 lambda c: zevents_run(c, per_stream=n(300_000, 60_000), batch=64,
+                                       hardened="curve"), quick_repeats=1),
+        Scenario("zevents latency @10k/s durable", "zevents",
+                 lambda c: zevents_run(c, per_stream=int(10_000 * lat_s), rate=10_000,
+                                       buffer_size=1000, hardened="durable"), quick_repeats=0),
         Scenario("zevents 1p1s BLOCK send buf100", "zevents",
                  lambda c: zevents_run(c, per_stream=n(150_000, 30_000), batch=1),
                  quick_repeats=1),

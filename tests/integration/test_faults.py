@@ -565,6 +565,93 @@ def test_sigkill_of_a_producer_mid_stream_leaves_the_stream_usable(broker, strea
     assert len(killed) >= 300 and killed == [f"p-{i}" for i in range(len(killed))]
 
 
+SUBSCRIBER_SCRIPT = """
+import sys, time
+from zevents import Subscriber
+control, stream = sys.argv[1], sys.argv[2]
+with Subscriber(control, timeout=30) as sub:
+    sub.subscribe(stream, create=True)
+    print("ready", flush=True)
+    time.sleep(120)  # reads nothing: its cursor holds the buffer until it is killed
+"""
+
+
+def _spawn(script: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        text=True,
+    )
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+def test_sigkill_of_a_subscriber_unblocks_its_producers_after_the_liveness_timeout(
+    make_broker, stream_id
+):
+    b = make_broker("--subscriber-timeout", "1", "--buffer-size", "10")
+    proc = _spawn(SUBSCRIBER_SCRIPT, b.control, stream_id)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        assert ready and proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        with Producer(b.control, timeout=5) as producer:
+            producer.send_many(stream_id, [Event.text_delta(f"e{i}") for i in range(30)])
+            with pytest.raises(TimeoutError):  # 20 events wait for the silent subscriber
+                producer.flush(timeout=0.5)
+            _kill(proc)
+            start = time.monotonic()
+            producer.flush(timeout=15)  # its cursor goes after the timeout; room is made
+            assert time.monotonic() - start < 10
+    finally:
+        if proc.poll() is None:
+            _kill(proc)
+    with Admin(b.control) as admin:
+        info = admin.stream_info(stream_id)
+    assert (info.last_seq, info.subscribers, info.parked) == (30, 0, 0)
+
+
+def test_a_stream_whose_producer_was_killed_is_closed_then_removed_when_idle(
+    make_broker, stream_id, wait_until
+):
+    b = make_broker("--idle-timeout", "1")
+    proc = _spawn(PRODUCER_SCRIPT, b.control, stream_id)
+    try:
+        with Admin(b.control) as admin:
+
+            def sent() -> int:
+                return (
+                    admin.stream_info(stream_id).last_seq
+                    if stream_id in admin.list_streams()
+                    else 0
+                )
+
+            wait_until(lambda: sent() >= 100, timeout=20)
+            _kill(proc)
+            seen: set[str] = set()
+
+            def state() -> str:
+                try:
+                    return "closed" if admin.stream_info(stream_id).closed else "open"
+                except StreamNotFoundError:
+                    return "gone"
+
+            # Idle for 1 s: closed (its followers see the end), idle 1 s more: removed.
+            wait_until(lambda: seen.add(state()) or "gone" in seen, timeout=15)
+            assert "closed" in seen or b.log.count("closing stream") >= 1
+    finally:
+        if proc.poll() is None:
+            _kill(proc)
+
+
 # -- killed brokers ----------------------------------------------------------------------
 
 
