@@ -15,7 +15,7 @@ key may use it on (``""`` is every stream)::
     subscribe = ["tenant-a/"]        # subscribe, fetch (replay), unsubscribe, info
 
     [keys.ops]
-    admin = [""]                     # every command on every stream, list, stats, cleanup
+    admin = [""]                     # create, close, info on every stream; list, stats, cleanup
 
     [default]                        # any other authorized key (optional; else: nothing)
     subscribe = ["public/"]

@@ -223,7 +223,7 @@ class BrokerCore:
             return
         sid = hdr.stream_id
         client = hdr.client_id
-        if user is not None and not self._owns(client, user):
+        if user is not None and not self._owns(client, user, claim=False):
             return  # another key's client ID: no answer (it would reach that client)
         if self.permissions is not None and not self.permissions.allows(user, "produce", sid):
             denied = self._denied(user, "produce", sid)
@@ -287,10 +287,11 @@ class BrokerCore:
         self._resend_asked[key] = (expected, now)
         self._send(client, "resend", sid, expected)
 
-    def _owns(self, client: bytes, user: str) -> bool:
-        """Whether ``user`` may use the client ID ``client`` (the first key to use
-        one owns it while the broker knows the client)."""
-        owner = self._owners.setdefault(client, user)
+    def _owns(self, client: bytes, user: str, claim: bool = True) -> bool:
+        """Whether ``user`` may use the client ID ``client``: the first key to use
+        one on the control socket (``claim``) owns it while the broker knows the
+        client.  (Ingest only checks: client IDs it made up leave nothing behind.)"""
+        owner = self._owners.setdefault(client, user) if claim else self._owners.get(client, user)
         if owner == user:
             return True
         self.bad_input(

@@ -126,7 +126,12 @@ class Broker:
             self._zap_sock.bind("inproc://zeromq.zap.01")
         maxsize = max(config.max_message_size * 2, 1 << 16)
         self.control = self._socket(zmq.ROUTER, maxsize)
-        self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if self._server_key is None:
+            # A client reconnecting takes its routing ID over at once.  Not with
+            # CURVE: another key knowing that ID could take its answers over too
+            # (a reconnecting client waits for the stale connection's heartbeat
+            # timeout instead, 6 s at most).
+            self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.ingest = self._socket(zmq.PULL, maxsize)
         # Ingest waits in the producers' queues, not ours: a deep queue here only
         # raises the broker's peak memory (the credit window already bounds a stream).

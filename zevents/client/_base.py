@@ -83,7 +83,11 @@ class _ClientBase:
         try:
             raw.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
-            return exc
+            # No refusal either: a wrong broker key fails the handshake silently.
+            return BrokerUnavailableError(
+                f"{exc} (with CURVE: is the broker's public key, --curve-server or"
+                " $ZEVENTS_CURVE_SERVER, the right one, and does the broker use CURVE?)"
+            )
         return PermissionDeniedError(
             f"the broker at {self.broker} refused this client's CURVE key (is its public key"
             " in the broker's --curve-clients, and is --curve-server the broker's key?)"
