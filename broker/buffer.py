@@ -170,14 +170,15 @@ class StreamBuffer:
         self.events_in += 1
         return seq
 
-    def admit_batch(self, raws: list[bytes]) -> int:
-        """Admit from the front of ``raws`` while there is room; how many were."""
+    def admit_batch(self, raws: list[bytes], nbytes: int = -1) -> int:
+        """Admit from the front of ``raws`` while there is room; how many were.
+        ``nbytes``: their total size, if the caller knows it."""
         events = self.events
         free = self.buffer_size - len(events)
         n = len(raws)
         if free >= n:  # the common case: room for all, one extend
             events.extend(raws)
-            delta = sum(map(len, raws))
+            delta = nbytes if nbytes >= 0 else sum(map(len, raws))
         else:
             n = delta = 0
             for raw in raws:

@@ -370,8 +370,9 @@ class BrokerCore:
             self._resend_asked.pop((client, stream.stream_id), None)
         budget = self.budget
         if not errors and first > last and not stream.parked and budget.used + body <= budget.cap:
-            # The common case: all new, all valid, nobody waiting ahead of them.
-            admitted = stream.admit_batch(raws)
+            # The common case: all new, all valid, nobody waiting ahead of them
+            # (and the frame's body is exactly the events, back to back).
+            admitted = stream.admit_batch(raws, body)
             through = first + admitted - 1
             for i in range(admitted, len(raws)):
                 through = self._full(stream, client, first + i, raws[i], through)
@@ -606,6 +607,9 @@ class BrokerCore:
             token = bytes(frame[2:])
             pending = self._pending_subs.pop(token, None)
             if pending is None:
+                if len(self._markers) >= _MAX_PENDING:  # nobody asked for them: a flood
+                    self.bad_input("publish", ProtocolError("too many markers waiting"))
+                    return False
                 self._markers[token] = self.clock()
             else:
                 client, req_id, args, _ = pending
@@ -807,6 +811,7 @@ class BrokerCore:
             self._activate(client, req_id, args)
         else:
             if len(self._pending_subs) >= _MAX_PENDING:
+                self._hit("pending_subscribes")
                 raise LimitExceededError(
                     f"stream {sid}: {_MAX_PENDING} subscribe commands wait for their markers",
                     "pending_subscribes",
@@ -941,7 +946,12 @@ class BrokerCore:
                 continue
             stream.touch()
             if client not in stream.cursors:
-                self._relapse(client, stream, seq)
+                # Coming back from a timeout re-attaches a cursor: only for a key
+                # that may read the stream (a client ID can change hands by then).
+                if self.permissions is None or self.permissions.allows(
+                    self._user, "subscribe", sid
+                ):
+                    self._relapse(client, stream, seq)
                 continue
             if stream.ack(client, seq) and stream.parked:
                 self._admit_parked(stream)
@@ -991,6 +1001,8 @@ class BrokerCore:
         lapse_end = now - _LAPSE_TTL
         for client in [c for c, (when, _) in self._lapsed.items() if when < lapse_end]:
             del self._lapsed[client]
+            if client not in self._clients:
+                self._owners.pop(client, None)
         for token, (client, req_id, args, seen) in list(self._pending_subs.items()):
             if seen < stale:
                 del self._pending_subs[token]
@@ -1007,7 +1019,8 @@ class BrokerCore:
         """A client went silent (or said bye): it stops gating every stream it
         subscribed to.  A silent one may come back by acking (``lapse``)."""
         self._clients.pop(client, None)
-        self._owners.pop(client, None)
+        if not lapse:  # a timed-out client keeps its ID until its lapse expires
+            self._owners.pop(client, None)
         sids = self._subs.pop(client, set())
         for sid in sids:
             stream = self.streams.find(sid)

@@ -135,9 +135,10 @@ class Store:
             raise StoreError(f"sync must be 'normal' or 'full', not {sync!r}")
         self._lock_fd = -1
         try:
-            os.makedirs(data_dir, exist_ok=True)
+            os.makedirs(data_dir, mode=0o700, exist_ok=True)  # it holds every user's output
             # One broker per directory: a second one would interleave its writes.
-            self._lock_fd = os.open(os.path.join(data_dir, "zevents.lock"), os.O_RDWR | os.O_CREAT)
+            lock = os.path.join(data_dir, "zevents.lock")
+            self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -145,6 +146,8 @@ class Store:
                     f"data directory {data_dir!r} is in use by another broker"
                 ) from None
             self.path = os.path.join(data_dir, "zevents.sqlite3")
+            if not os.path.exists(self.path):  # SQLite gives its WAL the same mode
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             # Autocommit mode: transactions are explicit (BEGIN ... COMMIT) below.
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db = self._db

@@ -90,7 +90,7 @@ class _ClientBase:
             )
         return PermissionDeniedError(
             f"the broker at {self.broker} refused this client's CURVE key (is its public key"
-            " in the broker's --curve-clients, and is --curve-server the broker's key?)"
+            " in the broker's --curve-clients directory?)"
         )
 
     def _close_monitor(self) -> None:
