@@ -456,8 +456,7 @@ class BrokerCore:
         broker's memory cap reached: park, drop or refuse it.  Returns the pseq the
         cumulative ack may now cover."""
         sid = stream.stream_id
-        if memory:
-            self._hit("max_buffered_bytes")
+        self._hit("max_buffered_bytes" if memory else "buffer_size")
         if stream.policy is BackpressurePolicy.DROP:
             stream.dropped += 1
             self._dropped += 1

@@ -122,5 +122,6 @@ def test_stats_count_every_limit_by_name(clock: FakeClock) -> None:
     b.subscribed(S, "a")
     b.ingest("a", 40, [ev(2), ev(3), ev(4)])  # 40 parks, 41 is over the window of 1
     b.flush()
-    assert b.stats().limits == {"max_streams": 1, "max_message_size": 1, "window": 2}
+    limits = {"max_streams": 1, "max_message_size": 1, "window": 2, "buffer_size": 3}
+    assert b.stats().limits == limits  # buffer_size: 40, 41, 42 found the stream full
     assert P and A  # the helpers' clients
