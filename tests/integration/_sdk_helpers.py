@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterable
 
-from zevents import Event
+from zevents import Event, Subscriber
 
 
 def texts(n: int, prefix: str = "", start: int = 0) -> list[Event]:
@@ -23,3 +24,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class Follower:
+    """A real Subscriber in a thread, following one stream to its end:
+    ``events`` so far, ``outcome`` ("ended" or the exception that ended it)."""
+
+    def __init__(self, control: str, stream: str, timeout: float = 5) -> None:
+        self.events: list[Event] = []
+        self.outcome: object = None
+        self._sub = Subscriber(control, timeout=timeout)
+        self._following = self._sub.subscribe(stream, create=True)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for event in self._following:
+                self.events.append(event)
+            self.outcome = "ended"
+        except Exception as exc:
+            self.outcome = exc
+        finally:
+            self._sub.close()
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the end; whether it came within ``timeout`` seconds."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()

@@ -150,3 +150,13 @@ def make_broker(xprocess: Any) -> Iterator[Callable[..., BrokerProcess]]:
 def stream_id(request: pytest.FixtureRequest) -> str:
     """A stream ID unique to this test."""
     return f"{request.node.name}-{next(_names)}"
+
+
+@pytest.fixture
+def zctx() -> Iterator[Any]:
+    """A pyzmq context for raw sockets, destroyed (linger 0) after the test."""
+    import zmq
+
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)

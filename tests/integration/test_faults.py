@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+from _sdk_helpers import Follower
 
 from zevents import (
     Admin,
@@ -41,13 +42,6 @@ CLEAR_END = (BrokerUnavailableError, StreamNotFoundError)
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def zctx() -> Iterator[zmq.Context[Any]]:
-    ctx: zmq.Context[Any] = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
 
 
 @contextmanager
@@ -112,32 +106,6 @@ def read_until(pipe: Any, text: bytes, timeout: float) -> bytes:
 
 def client_id() -> bytes:
     return b"\x01" + os.urandom(frames.CLIENT_ID_SIZE - 1)
-
-
-class Follower:
-    """A Subscriber in a thread, following one stream to its end."""
-
-    def __init__(self, control: str, stream: str, timeout: float = 5) -> None:
-        self.events: list[Event] = []
-        self.outcome: object = None
-        self._sub = Subscriber(control, timeout=timeout)
-        self._following = self._sub.subscribe(stream, create=True)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for event in self._following:
-                self.events.append(event)
-            self.outcome = "ended"
-        except Exception as exc:
-            self.outcome = exc
-        finally:
-            self._sub.close()
-
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "the follower did not finish in time"
 
 
 # -- garbage -------------------------------------------------------------------------
@@ -343,7 +311,7 @@ def test_garbage_on_every_socket_leaves_the_broker_serving(make_broker, zctx, st
     assert not producer.is_alive() and not producer_error, producer_error
     # nothing left the valid stream wedged (a stuck gate would hold it for 10 s)
     assert time.monotonic() - stopped < 5, "the valid producer stalled after the garbage"
-    follower.join(timeout=30)
+    assert follower.join(timeout=30), "the follower did not finish in time"
     assert follower.outcome == "ended", follower.outcome
     # valid traffic lost nothing, in order, with no duplicate
     assert [e.seq for e in follower.events] == list(range(1, len(sent) + 1))
@@ -419,7 +387,7 @@ def test_a_stray_ack_does_not_make_a_client_gate_the_stream(make_broker, zctx, s
         with Admin(b.control) as admin:
             assert admin.stream_info(stream_id).subscribers == 1
             admin.close_stream(stream_id)
-    follower.join(timeout=10)
+    assert follower.join(timeout=10), "the follower did not finish in time"
     assert [e.seq for e in follower.events] == list(range(1, 21))
 
 
@@ -556,7 +524,7 @@ def test_sigkill_of_a_producer_mid_stream_leaves_the_stream_usable(broker, strea
         producer.flush(timeout=15)
     with Admin(broker.control) as admin:
         admin.close_stream(stream_id)
-    follower.join(timeout=20)
+    assert follower.join(timeout=20), "the follower did not finish in time"
     assert follower.outcome == "ended", follower.outcome
     texts = [e.data["text"] for e in follower.events]
     assert [e.seq for e in follower.events] == list(range(1, len(texts) + 1))

@@ -31,7 +31,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -39,8 +39,9 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+from _sdk_helpers import Follower
 
-from zevents import Admin, Event, Producer, StreamNotFoundError, Subscriber
+from zevents import Admin, Event, Producer, StreamNotFoundError
 from zevents.protocol import frames
 
 FUZZ_SECONDS = float(os.environ.get("ZEVENTS_FUZZ_SECONDS") or 5.0)  # longer: a soak
@@ -423,32 +424,6 @@ class Sampler:
         return [s for s in self.samples if start <= s[0] < end]
 
 
-class Follower:
-    """A real Subscriber in a thread, following one stream to its end."""
-
-    def __init__(self, control: str, stream: str) -> None:
-        self.events: list[Event] = []
-        self.outcome: object = None
-        self._sub = Subscriber(control, timeout=10)
-        self._following = self._sub.subscribe(stream, create=True)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for event in self._following:
-                self.events.append(event)
-            self.outcome = "ended"
-        except Exception as exc:
-            self.outcome = exc
-        finally:
-            self._sub.close()
-
-    def join(self, timeout: float) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-
 class Feeder:
     """A real Producer in a thread: ``v0, v1, ...`` to one stream until stopped,
     then flush and close the stream."""
@@ -537,13 +512,6 @@ def await_reply(sock: zmq.Socket[Any], match: Callable[[Any], bool], what: str) 
 def bad_input(control: str) -> dict[str, int]:
     with Admin(control, timeout=10) as admin:
         return dict(admin.stats().bad_input)
-
-
-@pytest.fixture
-def zctx() -> Iterator[zmq.Context[Any]]:
-    ctx: zmq.Context[Any] = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
 
 
 # Routing IDs of the garbage DEALERs: none is a client's, none collides with another.

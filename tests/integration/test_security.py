@@ -119,13 +119,6 @@ subscribe = [""]
 #     named but not authorized: she may not even connect
 
 
-@pytest.fixture
-def zctx() -> Iterator[zmq.Context[Any]]:
-    ctx: zmq.Context[Any] = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
-
-
 @contextmanager
 def raw_socket(
     ctx: zmq.Context[Any],
