@@ -374,8 +374,10 @@ class BrokerCore:
             # (and the frame's body is exactly the events, back to back).
             admitted = stream.admit_batch(raws, body)
             through = first + admitted - 1
-            for i in range(admitted, len(raws)):
-                through = self._full(stream, client, first + i, raws[i], through)
+            if admitted < len(raws):
+                self._hit("buffer_size", len(raws) - admitted)
+                for i in range(admitted, len(raws)):
+                    through = self._full(stream, client, first + i, raws[i], through)
         else:
             through = self._ingest_slowly(stream, client, first, last, raws, errors)
         end = first + len(raws) - 1
@@ -415,6 +417,7 @@ class BrokerCore:
                 if not holding:
                     through = pseq
             elif stream.parked or not stream.has_room():
+                self._hit("buffer_size")
                 through = self._full(stream, client, pseq, raw, through)
             elif self._fits(stream, len(raw)):
                 stream.admit(raw)
@@ -456,7 +459,8 @@ class BrokerCore:
         broker's memory cap reached: park, drop or refuse it.  Returns the pseq the
         cumulative ack may now cover."""
         sid = stream.stream_id
-        self._hit("max_buffered_bytes" if memory else "buffer_size")
+        if memory:
+            self._hit("max_buffered_bytes")
         if stream.policy is BackpressurePolicy.DROP:
             stream.dropped += 1
             self._dropped += 1
