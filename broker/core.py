@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import islice
 from typing import Any
 
@@ -56,6 +56,7 @@ _MAX_HEADS = 512  # lagging streams reported in one heartbeat reply
 _LAPSE_TTL = 300.0  # seconds a timed-out subscriber may come back and gate again
 _MAX_PENDING = 65536  # subscribe commands waiting for their markers, at most
 _MAX_TOKEN = 64  # bytes of a subscribe token (its marker must fit the publish socket's limit)
+_RECLAIM_EVERY = 1.0  # seconds between scans of every stream for history to trim (memory cap)
 _COMMIT_RETRY = 0.5  # seconds between attempts to commit while the store fails
 
 
@@ -99,6 +100,8 @@ class BrokerCore:
         self.durable = config.data_dir is not None
         self._unstored: dict[str, StreamBuffer] = {}
         self._unstored_removed: list[str] = []
+        self._unstored_producers: dict[str, set[bytes]] = {}  # stream -> records to write
+        self._cursors_stored: dict[str, float] = {}  # stream -> when its cursors were written
         self._unstored_since = 0.0
         self._commit_hold = 0.0  # after a failed commit, no retry before this
         self._clients: dict[bytes, float] = {}  # client ID -> last heard (clock)
@@ -225,17 +228,17 @@ class BrokerCore:
         client = hdr.client_id
         if user is not None and not self._owns(client, user, claim=False):
             return  # another key's client ID: no answer (it would reach that client)
-        if self.permissions is not None and not self.permissions.allows(user, "produce", sid):
-            denied = self._denied(user, "produce", sid)
-            count = len(frames.decode_batch(frame, hdr.body_start)[0])
-            self._nack(client, sid, hdr.first_pseq, hdr.first_pseq + max(count, 1) - 1, denied)
-            return
         if not 1 <= hdr.first_pseq <= MAX_PSEQ or hdr.body_start >= len(frame):
             err: ZEventsError = ProtocolError(
                 f"stream {sid}: ingest frame needs 1 <= first_pseq <= 2**62 and at least one event"
             )
             self.bad_input("ingest", err)
             self._reply_error(client, 0, err)
+            return
+        if self.permissions is not None and not self.permissions.allows(user, "produce", sid):
+            denied = self._denied(user, "produce", sid)
+            count = frames.count_events(frame, hdr.body_start)
+            self._nack(client, sid, hdr.first_pseq, hdr.first_pseq + count - 1, denied)
             return
         if len(frame) > self.config.max_message_size:
             err = LimitExceededError(
@@ -245,8 +248,9 @@ class BrokerCore:
             )
             self.bad_input("oversized", err)
             self._hit("max_message_size")
-            count = len(frames.decode_batch(frame, hdr.body_start)[0])
-            self._nack_all(client, sid, hdr.first_pseq, count, err)
+            self._nack_all(
+                client, sid, hdr.first_pseq, frames.count_events(frame, hdr.body_start), err
+            )
             return
         raws, errors = frames.decode_batch(frame, hdr.body_start)
         body = len(frame) - hdr.body_start
@@ -389,7 +393,7 @@ class BrokerCore:
         if stream.unpublished:
             self._dirty[stream.stream_id] = stream
         if self.durable:
-            self._changed(stream)
+            self._changed(stream, (client,))
         if through:
             self._ack(client, stream.stream_id, through, len(raws))
 
@@ -440,7 +444,8 @@ class BrokerCore:
             return True
         now = self.clock()
         if now >= self._reclaim_after:
-            self._reclaim_after = now + 0.01
+            # A scan of every stream: at most once a second (there may be a million).
+            self._reclaim_after = now + _RECLAIM_EVERY
             for _, other in self.streams:
                 if other.trim() and self.durable:
                     self._changed(other)
@@ -544,7 +549,7 @@ class BrokerCore:
                 if not known:
                     self._producing.setdefault(client, set()).add(sid)
                 if self.durable:
-                    self._changed(stream)
+                    self._changed(stream, (client,))
         self._nack(client, sid, first, last, exc)
 
     def _admit_parked(self, stream: StreamBuffer) -> None:
@@ -565,7 +570,7 @@ class BrokerCore:
             self._ack(client, stream.stream_id, pseq, self.config.window)  # wanted: ack now
         self._dirty[stream.stream_id] = stream
         if self.durable:
-            self._changed(stream)
+            self._changed(stream, latest)
 
     def _parked_fit(self, stream: StreamBuffer, n: int) -> int:
         """How many of the first ``n`` parked events fit under the memory cap."""
@@ -762,6 +767,7 @@ class BrokerCore:
         self._publish_pending(stream)
         self._dirty.pop(stream.stream_id, None)
         sid = stream.stream_id
+        held = set(stream.parked_by)  # their answered pseqs move on: store them
         while stream.parked:  # never admitted: their producers learn it was closed
             client, pseq, _ = stream.unpark()
             stream.rejected += 1
@@ -771,7 +777,7 @@ class BrokerCore:
         for producer in stream.producers:
             self._send(producer, "closed", sid, stream.last_seq)
         if self.durable:
-            self._changed(stream)
+            self._changed(stream, held)
 
     def _op_close(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
         stream = self._get(args)
@@ -813,6 +819,8 @@ class BrokerCore:
         if self._markers.pop(token, None) is not None:
             self._activate(client, req_id, args)
         else:
+            if token in self._pending_subs:
+                raise ProtocolError("subscribe token already waiting for its marker")
             if len(self._pending_subs) >= _MAX_PENDING:
                 self._hit("pending_subscribes")
                 raise LimitExceededError(
@@ -829,8 +837,8 @@ class BrokerCore:
         try:
             stream = self._get(args)
             from_seq = args.get("from_seq")
-            if from_seq is not None and type(from_seq) is not int:
-                raise ProtocolError("from_seq must be an int or nil")
+            if from_seq is not None and (type(from_seq) is not int or from_seq > MAX_PSEQ):
+                raise ProtocolError("from_seq must be an int up to 2**62, or nil")
             limit = self.config.max_subscribers
             if len(stream.cursors) >= limit and client not in stream.cursors:
                 self._hit("max_subscribers")
@@ -882,8 +890,8 @@ class BrokerCore:
     def _op_fetch(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
         stream = self._get(args)
         from_seq = args.get("from_seq")
-        if type(from_seq) is not int or from_seq < 1:
-            raise ProtocolError("fetch needs from_seq >= 1")
+        if type(from_seq) is not int or not 1 <= from_seq <= MAX_PSEQ:
+            raise ProtocolError("fetch needs 1 <= from_seq <= 2**62")
         stream.check_available(from_seq)
         stream.touch()
         return self._replay(stream, from_seq)
@@ -925,8 +933,8 @@ class BrokerCore:
             stream.producers[client] = pseq - 1
             self._producing.setdefault(client, set()).add(sid)
             if self.durable:
-                self._changed(stream)
-        return {"next_pseq": stream.producers[client] + 1}
+                self._changed(stream, (client,))
+        return {"next_pseq": stream.producers.get(client, 0) + 1}
 
     def _op_bye(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
         """A client closes: it stops gating at once (no waiting for its timeout)."""
@@ -1022,9 +1030,9 @@ class BrokerCore:
         """A client went silent (or said bye): it stops gating every stream it
         subscribed to.  A silent one may come back by acking (``lapse``)."""
         self._clients.pop(client, None)
-        if not lapse:  # a timed-out client keeps its ID until its lapse expires
-            self._owners.pop(client, None)
         sids = self._subs.pop(client, set())
+        if not (sids and lapse):  # a lapsed subscriber keeps its ID while it may come back
+            self._owners.pop(client, None)
         for sid in sids:
             stream = self.streams.find(sid)
             if stream is not None:
@@ -1069,6 +1077,8 @@ class BrokerCore:
             if not self._unstored and not self._unstored_removed:
                 self._unstored_since = self.clock()
             self._unstored.pop(sid, None)
+            self._unstored_producers.pop(sid, None)
+            self._cursors_stored.pop(sid, None)
             self._unstored_removed.append(sid)
         for client in stream.producers:
             producing = self._producing.get(client)
@@ -1096,11 +1106,15 @@ class BrokerCore:
 
     # -- durability --------------------------------------------------------------
 
-    def _changed(self, stream: StreamBuffer) -> None:
-        """``stream`` has something the durable store does not."""
+    def _changed(self, stream: StreamBuffer, producers: Iterable[bytes] = ()) -> None:
+        """``stream`` has something the durable store does not (and so have the
+        records of ``producers``: only those are written again)."""
         if not self._unstored and not self._unstored_removed:
             self._unstored_since = self.clock()
-        self._unstored[stream.stream_id] = stream
+        sid = stream.stream_id
+        self._unstored[sid] = stream
+        if producers:
+            self._unstored_producers.setdefault(sid, set()).update(producers)
 
     def commit_due(self) -> bool:
         """Whether the runner should commit :meth:`take_writes` now: a change has
@@ -1117,7 +1131,14 @@ class BrokerCore:
         """What changed since the last commit (state is unchanged until
         :meth:`on_committed`, so a failed commit can simply be tried again)."""
         batch = WriteBatch(removed=list(self._unstored_removed))
+        now = self.clock()
         for stream in self._unstored.values():
+            sid = stream.stream_id
+            # Cursors are a hint for after a restart (one that lags only keeps a
+            # little more): a few are written each time, many at most once a second.
+            cursors: list[tuple[bytes, int]] | None = None
+            if len(stream.cursors) <= 16 or now - self._cursors_stored.get(sid, -2.0) >= 1.0:
+                cursors = list(stream.cursors.items())
             first = max(stream.stored_seq + 1, stream.base_seq)
             last = stream.last_seq
             events = stream.slice(first, last - first + 1) if first <= last else []
@@ -1132,8 +1153,11 @@ class BrokerCore:
                     stream.ever_subscribed,
                     first,
                     events,
-                    [(c, stream.answered_through(c)) for c in stream.producers],
-                    list(stream.cursors.items()),
+                    [
+                        (c, stream.answered_through(c))
+                        for c in self._unstored_producers.get(sid, ())
+                    ],
+                    cursors,
                 )
             )
         return batch
@@ -1144,8 +1168,12 @@ class BrokerCore:
 
     def on_committed(self, batch: WriteBatch) -> None:
         """``batch`` is durable: what waited for it may now be sent."""
+        now = self.clock()
         for w in batch.streams:
             stream = self._unstored.pop(w.name, None)
+            self._unstored_producers.pop(w.name, None)
+            if w.cursors is not None:
+                self._cursors_stored[w.name] = now
             if stream is not None:
                 stream.stored_seq = w.next_seq - 1
         del self._unstored_removed[: len(batch.removed)]

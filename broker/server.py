@@ -266,10 +266,13 @@ class Broker:
                 parts = control.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if len(parts) == 2:
-                core.on_control(parts[0], parts[1])
-            else:
-                core.reject_control(parts[0], _frame_count_error(parts))
+            try:
+                if len(parts) == 2:
+                    core.on_control(parts[0], parts[1])
+                else:
+                    core.reject_control(parts[0], _frame_count_error(parts))
+            except Exception as exc:
+                self._internal_error(exc)
 
     def _drain_ingest(self) -> None:
         recv, on_ingest = self.ingest.recv, self.core.on_ingest
@@ -279,7 +282,10 @@ class Broker:
                 frame = recv(noblock)
             except again:
                 return
-            on_ingest(frame)
+            try:
+                on_ingest(frame)
+            except Exception as exc:
+                self._internal_error(exc)
 
     def _drain_publish(self) -> None:
         publish, core = self.publish, self.core
@@ -288,8 +294,11 @@ class Broker:
                 data = publish.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if core.on_subscription(data):
-                _apply(publish, data)
+            try:
+                if core.on_subscription(data):
+                    _apply(publish, data)
+            except Exception as exc:
+                self._internal_error(exc)
 
     def _drain_zap(self) -> None:
         zap_sock, zap = self._zap_sock, self.zap
@@ -309,10 +318,13 @@ class Broker:
             except zmq.Again:
                 return
             data = [p.bytes for p in parts]
-            if len(data) == 2:
-                core.on_control(data[0], data[1], _user_of(parts[-1]))
-            else:
-                core.reject_control(data[0], _frame_count_error(data))
+            try:
+                if len(data) == 2:
+                    core.on_control(data[0], data[1], _user_of(parts[-1]))
+                else:
+                    core.reject_control(data[0], _frame_count_error(data))
+            except Exception as exc:
+                self._internal_error(exc)
 
     def _drain_ingest_secure(self) -> None:
         ingest, core = self.ingest, self.core
@@ -321,7 +333,10 @@ class Broker:
                 frame = ingest.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            core.on_ingest(frame.bytes, _user_of(frame))
+            try:
+                core.on_ingest(frame.bytes, _user_of(frame))
+            except Exception as exc:
+                self._internal_error(exc)
 
     def _drain_publish_secure(self) -> None:
         publish, core = self.publish, self.core
@@ -331,8 +346,17 @@ class Broker:
             except zmq.Again:
                 return
             data = frame.bytes
-            if core.on_subscription(data, _user_of(frame)):
-                _apply(publish, data)
+            try:
+                if core.on_subscription(data, _user_of(frame)):
+                    _apply(publish, data)
+            except Exception as exc:
+                self._internal_error(exc)
+
+    def _internal_error(self, exc: Exception) -> None:
+        """A message the core failed on (a bug): counted and logged, and the broker
+        goes on with the next one rather than die with every client's streams."""
+        self.core.bad_input("internal", exc)
+        log.debug("internal error handling a message", exc_info=exc)
 
     def _on_denied(self, why: str) -> None:
         self.core.bad_input("auth", PermissionDeniedError(why))

@@ -87,8 +87,9 @@ class StreamWrite:
     events: list[bytes]
     producers: list[tuple[bytes, int]]  #: (client ID, pseq answered through)
     #: (subscriber client ID, seq acknowledged), as of this write: a cursor that
-    #: moved on since only makes a restarted broker keep a little more.
-    cursors: list[tuple[bytes, int]] = field(default_factory=list)
+    #: moved on since only makes a restarted broker keep a little more.  None:
+    #: the stored cursors stay as they are.
+    cursors: list[tuple[bytes, int]] | None = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -261,7 +262,8 @@ class Store:
                 "INSERT OR REPLACE INTO events VALUES (?, ?, ?)",
                 [(sid, first + i, raw) for i, raw in enumerate(w.events)],
             )
-        db.execute("DELETE FROM cursors WHERE stream = ?", (sid,))
+        if w.cursors is not None:
+            db.execute("DELETE FROM cursors WHERE stream = ?", (sid,))
         if w.cursors:
             db.executemany(
                 "INSERT INTO cursors VALUES (?, ?, ?)",

@@ -803,3 +803,32 @@ def test_ownership_applies_with_curve_alone():
     c.request("bob", P, "stats")
     assert c.flush() == ([], [])
     assert c.stats().bad_input == {"auth": 1}
+
+
+# -- found in review ------------------------------------------------------------------------
+
+
+def test_a_refused_frame_with_the_largest_pseq_gets_an_error_not_a_crash():
+    c = Core()
+    # pseq 2**64-1 with two events: its range would not fit a nack (u64)
+    c.ingest("bob", "tenant-a/x", 2**64 - 1, [ev(1), ev(2)], client=Q)
+    _, ctl = c.flush()
+    assert [m[2] for _, m in ctl if m[0] == "err"] == ["PROTOCOL_ERROR"]
+
+
+def test_a_refused_frame_is_nacked_over_all_its_events():
+    c = Core()
+    c.ingest("bob", "tenant-a/x", 1, [ev(1), ev(2), ev(3)], client=Q)
+    _, ctl = c.flush()
+    (nack,) = [m for _, m in ctl if m[0] == "nack"]
+    assert nack[1:5] == ["tenant-a/x", 1, 3, "PERMISSION_DENIED"]
+
+
+def test_a_timed_out_client_without_cursors_gives_its_id_back():
+    c = Core(subscriber_timeout=5)
+    c.ok("alice", P, "hello", {"version": frames.PROTOCOL_VERSION})
+    c.clock.t += 6
+    c.core.on_tick()
+    c.ok("bob", P, "hello", {"version": frames.PROTOCOL_VERSION})  # free again
+    assert c.stats().bad_input.get("auth", 0) == 0
+    assert c.core._owners == {P: "bob"}

@@ -26,7 +26,7 @@ import broker.buffer
 import zevents.manager
 from broker.config import BrokerConfig
 from broker.core import BrokerCore
-from zevents.errors import InvalidEventError, StreamFullError
+from zevents.errors import InvalidEventError, StreamFullError, StreamNotFoundError
 from zevents.events import Event, EventType
 from zevents.protocol import frames
 from zevents.protocol.frames import KIND_END, KIND_EVENTS, PROTOCOL_VERSION
@@ -1564,3 +1564,38 @@ def test_random_traffic_keeps_seqs_dense_and_answers_every_event(data: st.DataOb
         assert prod.unanswered() == 0
     stats = b.core.stats()
     assert stats.events_in == sum(n - 1 for n in next_seq.values())
+
+
+# -- found in review ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("from_seq", [2**62 + 1, 2**63 + 5])
+def test_from_seq_beyond_any_seq_is_refused(b: Broker, from_seq: int) -> None:
+    b.subscribed(S, "s")
+    reply = b.subscribe(T, "s", from_seq)
+    assert reply[0] == "err" and reply[2] == "PROTOCOL_ERROR"
+    assert b.err(T, "fetch", {"stream": "s", "from_seq": from_seq})[0] == "PROTOCOL_ERROR"
+
+
+def test_rebase_of_a_producer_the_stream_never_heard_of(b: Broker) -> None:
+    b.ok(A, "create", {"stream": "s"})
+    assert b.ok(P, "rebase", {"stream": "s", "pseq": 1}) == {"next_pseq": 1}
+
+
+def test_a_subscribe_token_already_waiting_is_refused(b: Broker) -> None:
+    b.ok(A, "create", {"stream": "s"})
+    b.request(S, "subscribe", {"stream": "s", "token": b"same"})
+    code, _ = b.err(T, "subscribe", {"stream": "s", "token": b"same"})
+    assert code == "PROTOCOL_ERROR"
+    b.marker(b"same")  # the first one still gets its reply
+    _, ctl = b.flush()
+    assert [m[0] for c, m in ctl if c == S] == ["ok"]
+
+
+def test_a_refused_rebase_answers_the_streams_unanswered_events() -> None:
+    prod = ProducerState(P)
+    prod.encode("s", [ev(1), ev(2)])
+    prod.fail_unanswered("s", StreamNotFoundError("s", "send"))
+    assert prod.unanswered() == 0
+    with pytest.raises(StreamNotFoundError):
+        prod.check("s")

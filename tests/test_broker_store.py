@@ -853,3 +853,15 @@ def test_a_second_store_on_one_directory_is_refused(tmp_path: Path) -> None:
         Store(str(tmp_path))
     first.close()
     Store(str(tmp_path)).close()  # free again once the first let go
+
+
+def test_take_writes_has_only_the_producers_whose_record_moved(
+    clock: FakeClock, tmp_path: Path
+) -> None:
+    b = Durable(clock, tmp_path)
+    b.ingest("s", 1, [ev(1)])
+    b.ingest("s", 1, [ev(2)], client=Q)
+    b.flush()  # committed: both records stored
+    b.ingest("s", 2, [ev(3)], client=Q)
+    (w,) = b.core.take_writes().streams
+    assert w.producers == [(Q, 2)]  # P's record did not move: not written again

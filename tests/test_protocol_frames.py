@@ -474,3 +474,11 @@ def test_decode_control_arbitrary_bytes(data: bytes) -> None:
 def test_module_exports_exist() -> None:
     for name in frames.__all__:
         assert hasattr(frames, name), name
+
+
+def test_count_events_counts_without_decoding() -> None:
+    one = Event.text_delta("x").to_msgpack()
+    assert frames.count_events(b"..." + one * 3, 3) == 3
+    assert frames.count_events(b"..." + one * 2 + one[:-2], 3) == 3  # a cut tail is one
+    assert frames.count_events(b"...", 3) == 1  # an empty body still names one pseq
+    assert frames.count_events(b"..." + b"\xc1" * 5, 3) == 1  # not msgpack at all

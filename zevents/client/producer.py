@@ -74,6 +74,9 @@ class _ProducerLogic(_ClientBase):
         if tag == _SYNC:  # nothing waits for a sync's reply: the acks are the point
             return
         if isinstance(tag, tuple) and tag[0] == "rebase":
+            if reply.error is not None:  # it will not take this stream (gone, say)
+                self._state.fail_unanswered(tag[1], reply.error)
+                return
             # The broker skipped what was answered before: now fill the gap.
             for frame in self._state.resend_stream(tag[1]):
                 self._push_frame(frame)

@@ -157,6 +157,23 @@ def decode_batch(frame: bytes, start: int) -> tuple[list[bytes], dict[int, ZEven
     return raws, errors
 
 
+def count_events(frame: bytes, start: int) -> int:
+    """How many events ``frame[start:]`` holds, without decoding them (for frames
+    refused whole); a tail that is not a whole object counts as one, and so does
+    an empty body."""
+    unpacker = msgpack.Unpacker(raw=True, timestamp=0, strict_map_key=False)
+    unpacker.feed(memoryview(frame)[start:])
+    count = 0
+    end = len(frame) - start
+    while unpacker.tell() < end:
+        try:
+            unpacker.skip()
+        except Exception:
+            return count + 1
+        count += 1
+    return max(count, 1)
+
+
 def _event_unpacker(frame: bytes, start: int) -> msgpack.Unpacker:
     unpacker = msgpack.Unpacker(raw=False, timestamp=3, strict_map_key=True)
     unpacker.feed(memoryview(frame)[start:])

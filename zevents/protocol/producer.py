@@ -165,6 +165,19 @@ class ProducerState:
         result.append(frames.encode_ingest(out.topic, self.client_id, first, b"".join(run)))
         return result
 
+    def fail_unanswered(self, stream_id: str, error: ZEventsError) -> None:
+        """The broker refused to take ``stream_id``'s unanswered events at all (a
+        ``rebase`` it could not do): answer them with ``error``, as a nack would."""
+        out = self._streams.get(stream_id)
+        if out is None:
+            return
+        self._unanswered -= len(out.unacked)
+        out.unacked.clear()
+        if isinstance(error, StreamClosedError):
+            out.closed = True
+        else:
+            out.error = error
+
     def on_resend(self, stream_id: str, expected: int) -> int | None:
         """The broker got a frame of ``stream_id`` past a gap: it has our events up
         to ``expected - 1`` only (frames were lost in transit, or it restarted).
