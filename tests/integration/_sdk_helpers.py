@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
-from zevents import Event, Subscriber
+import zmq
+
+from zevents import ClientKeys, Event, Subscriber
 
 
 def texts(n: int, prefix: str = "", start: int = 0) -> list[Event]:
@@ -52,3 +56,26 @@ class Follower:
         """Wait for the end; whether it came within ``timeout`` seconds."""
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+
+@contextmanager
+def raw_socket(
+    ctx: zmq.Context[Any],
+    kind: int,
+    endpoint: str,
+    routing_id: bytes | None = None,
+    keys: ClientKeys | None = None,
+) -> Iterator[zmq.Socket[Any]]:
+    """A plain pyzmq socket connected to ``endpoint`` (CURVE with ``keys``),
+    linger 0, closed on exit."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        keys.apply(sock)
+    if routing_id is not None:
+        sock.setsockopt(zmq.ROUTING_ID, routing_id)
+    sock.connect(endpoint)
+    try:
+        yield sock
+    finally:
+        sock.close(linger=0)

@@ -14,15 +14,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 import zmq
-from _sdk_helpers import Follower
+from _sdk_helpers import Follower, raw_socket
 
 from zevents import (
     Admin,
@@ -42,21 +41,6 @@ CLEAR_END = (BrokerUnavailableError, StreamNotFoundError)
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-@contextmanager
-def raw_socket(
-    ctx: zmq.Context[Any], kind: int, endpoint: str, routing_id: bytes | None = None
-) -> Iterator[zmq.Socket[Any]]:
-    sock = ctx.socket(kind)
-    sock.setsockopt(zmq.LINGER, 0)
-    if routing_id is not None:
-        sock.setsockopt(zmq.ROUTING_ID, routing_id)
-    sock.connect(endpoint)
-    try:
-        yield sock
-    finally:
-        sock.close(linger=0)
 
 
 def pack(obj: Any) -> bytes:

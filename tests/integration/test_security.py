@@ -28,7 +28,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from _sdk_helpers import text_of, texts
+from _sdk_helpers import raw_socket, text_of, texts
 
 from zevents import (
     Admin,
@@ -117,27 +117,6 @@ admin = [""]
 subscribe = [""]
 """  # carol is authorized but named nowhere: she may connect and do nothing; ghost is
 #     named but not authorized: she may not even connect
-
-
-@contextmanager
-def raw_socket(
-    ctx: zmq.Context[Any],
-    kind: int,
-    endpoint: str,
-    keys: ClientKeys | None = None,
-    routing_id: bytes | None = None,
-) -> Iterator[zmq.Socket[Any]]:
-    sock = ctx.socket(kind)
-    sock.setsockopt(zmq.LINGER, 0)
-    if keys is not None:
-        keys.apply(sock)
-    if routing_id is not None:
-        sock.setsockopt(zmq.ROUTING_ID, routing_id)
-    sock.connect(endpoint)
-    try:
-        yield sock
-    finally:
-        sock.close(linger=0)
 
 
 _HANDSHAKE_FAILED = (
