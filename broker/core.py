@@ -392,7 +392,7 @@ class BrokerCore:
         stream.touch()
         if stream.unpublished:
             self._dirty[stream.stream_id] = stream
-        if self.durable:
+        if self.durable:  # (checked here too: the hot path makes no call without a store)
             self._changed(stream, (client,))
         if through:
             self._ack(client, stream.stream_id, through, len(raws))
@@ -433,23 +433,23 @@ class BrokerCore:
 
     def _fits(self, stream: StreamBuffer, n: int) -> bool:
         """Whether ``n`` more bytes fit under the memory cap, trimming acknowledged
-        history (this stream's first, then, at most every 10 ms, every stream's) to
-        make them fit."""
-        budget = self.budget
-        if budget.used + n <= budget.cap:
+        history (this stream's first, then, at most once a second, every stream's)
+        to make them fit."""
+        fits = self.budget.fits
+        if fits(n):
             return True
-        if stream.trim() and self.durable:
+        if stream.trim():
             self._changed(stream)
-        if budget.used + n <= budget.cap:
+        if fits(n):
             return True
         now = self.clock()
         if now >= self._reclaim_after:
             # A scan of every stream: at most once a second (there may be a million).
             self._reclaim_after = now + _RECLAIM_EVERY
             for _, other in self.streams:
-                if other.trim() and self.durable:
+                if other.trim():
                     self._changed(other)
-        return budget.used + n <= budget.cap
+        return fits(n)
 
     def _full(
         self,
@@ -548,8 +548,7 @@ class BrokerCore:
                 stream.producers[client] = last
                 if not known:
                     self._producing.setdefault(client, set()).add(sid)
-                if self.durable:
-                    self._changed(stream, (client,))
+                self._changed(stream, (client,))
         self._nack(client, sid, first, last, exc)
 
     def _admit_parked(self, stream: StreamBuffer) -> None:
@@ -569,8 +568,7 @@ class BrokerCore:
         for client, pseq in latest.items():
             self._ack(client, stream.stream_id, pseq, self.config.window)  # wanted: ack now
         self._dirty[stream.stream_id] = stream
-        if self.durable:
-            self._changed(stream, latest)
+        self._changed(stream, latest)
 
     def _parked_fit(self, stream: StreamBuffer, n: int) -> int:
         """How many of the first ``n`` parked events fit under the memory cap."""
@@ -747,8 +745,7 @@ class BrokerCore:
         size, policy = self._create_args(args)
         self._check_stream_limit()
         stream = self.streams.create_stream(sid, buffer_size=size, policy=policy)
-        if self.durable:
-            self._changed(stream)
+        self._changed(stream)
         return self._info(stream)
 
     def _op_get_or_create(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
@@ -757,7 +754,7 @@ class BrokerCore:
         if sid not in self.streams:
             self._check_stream_limit()
         stream, created = self.streams.get_or_create(sid, buffer_size=size, policy=policy)
-        if created and self.durable:
+        if created:
             self._changed(stream)
         return {**self._info(stream), "created": created}
 
@@ -776,8 +773,7 @@ class BrokerCore:
         self._pub.append(frames.encode_end(stream.topic, stream.last_seq))
         for producer in stream.producers:
             self._send(producer, "closed", sid, stream.last_seq)
-        if self.durable:
-            self._changed(stream, held)
+        self._changed(stream, held)
 
     def _op_close(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
         stream = self._get(args)
@@ -814,7 +810,7 @@ class BrokerCore:
                 raise StreamNotFoundError(sid, "subscribe")
             self._check_stream_limit()
             stream, created = self.streams.get_or_create(sid)
-            if created and self.durable:
+            if created:
                 self._changed(stream)
         if self._markers.pop(token, None) is not None:
             self._activate(client, req_id, args)
@@ -852,7 +848,7 @@ class BrokerCore:
         except ZEventsError as exc:
             self._reply_error(client, req_id, exc)
             return
-        if not ever and self.durable:
+        if not ever:
             self._changed(stream)
         if stream.parked:  # a subscriber coming back may move its own cursor on
             self._admit_parked(stream)
@@ -926,14 +922,12 @@ class BrokerCore:
         stream = self.streams.find(sid)
         if stream is None:  # as its events would have created it
             stream = self._create_on_ingest(sid)
-            if self.durable:
-                self._changed(stream)
+            self._changed(stream)
         client = self._ids.setdefault(client, client)
         if stream.producers.get(client, 0) < pseq - 1:
             stream.producers[client] = pseq - 1
             self._producing.setdefault(client, set()).add(sid)
-            if self.durable:
-                self._changed(stream, (client,))
+            self._changed(stream, (client,))
         return {"next_pseq": stream.producers.get(client, 0) + 1}
 
     def _op_bye(self, client: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
@@ -1074,8 +1068,7 @@ class BrokerCore:
         stream.release()
         self._mem_blocked.pop(sid, None)
         if self.durable:
-            if not self._unstored and not self._unstored_removed:
-                self._unstored_since = self.clock()
+            self._note_unstored()
             self._unstored.pop(sid, None)
             self._unstored_producers.pop(sid, None)
             self._cursors_stored.pop(sid, None)
@@ -1108,13 +1101,19 @@ class BrokerCore:
 
     def _changed(self, stream: StreamBuffer, producers: Iterable[bytes] = ()) -> None:
         """``stream`` has something the durable store does not (and so have the
-        records of ``producers``: only those are written again)."""
-        if not self._unstored and not self._unstored_removed:
-            self._unstored_since = self.clock()
+        records of ``producers``: only those are written again).  Nothing without
+        a store."""
+        if not self.durable:
+            return
+        self._note_unstored()
         sid = stream.stream_id
         self._unstored[sid] = stream
         if producers:
             self._unstored_producers.setdefault(sid, set()).update(producers)
+
+    def _note_unstored(self) -> None:
+        if not self._unstored and not self._unstored_removed:
+            self._unstored_since = self.clock()  # the first change a commit will take
 
     def commit_due(self) -> bool:
         """Whether the runner should commit :meth:`take_writes` now: a change has

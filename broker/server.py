@@ -60,12 +60,6 @@ def _user_of(frame: zmq.Frame) -> str | None:
     return user if isinstance(user, str) and user else None
 
 
-def _apply(publish: zmq.Socket[bytes], data: bytes) -> None:
-    """Put a (un)subscription the core allowed into effect (XPUB_MANUAL: for the
-    connection the last message came from)."""
-    publish.setsockopt(zmq.SUBSCRIBE if data[0] == 1 else zmq.UNSUBSCRIBE, data[1:])
-
-
 def _frame_count_error(parts: list[bytes]) -> ProtocolError:
     return ProtocolError(f"{len(parts) - 1} frames, expected 1")
 
@@ -219,12 +213,12 @@ class Broker:
     def _loop(self) -> None:
         core = self.core
         secure = self._server_key is not None
-        # (socket, what drains it): the secure drains read each message with its
-        # key's name; the plain ones stay free of that cost.
+        # (socket, what drains it): with CURVE each message is read with its key's
+        # name; the plain ingest drain, the hot path, stays free of that cost.
         drains: list[tuple[zmq.Socket[bytes], Callable[[], None]]] = [
-            (self.control, self._drain_control_secure if secure else self._drain_control),
+            (self.control, self._drain_control),
             (self.ingest, self._drain_ingest_secure if secure else self._drain_ingest),
-            (self.publish, self._drain_publish_secure if secure else self._drain_publish),
+            (self.publish, self._drain_publish),
         ]
         if self._zap_sock is not None:
             drains.insert(0, (self._zap_sock, self._drain_zap))
@@ -261,20 +255,24 @@ class Broker:
 
     def _drain_control(self) -> None:
         control, core = self.control, self.core
+        secure = self._server_key is not None  # then read each message with its key
         for _ in range(_DRAIN):
             try:
-                parts = control.recv_multipart(zmq.NOBLOCK)
+                received = control.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            user = _user_of(received[-1]) if secure else None
+            parts = [f.bytes for f in received]
             try:
                 if len(parts) == 2:
-                    core.on_control(parts[0], parts[1])
+                    core.on_control(parts[0], parts[1], user)
                 else:
                     core.reject_control(parts[0], _frame_count_error(parts))
             except Exception as exc:
                 self._internal_error(exc)
 
     def _drain_ingest(self) -> None:
+        # The hot path: no per-message branch for CURVE (see _drain_ingest_secure).
         recv, on_ingest = self.ingest.recv, self.core.on_ingest
         noblock, again = zmq.NOBLOCK, zmq.Again
         for _ in range(_DRAIN):
@@ -284,45 +282,6 @@ class Broker:
                 return
             try:
                 on_ingest(frame)
-            except Exception as exc:
-                self._internal_error(exc)
-
-    def _drain_publish(self) -> None:
-        publish, core = self.publish, self.core
-        for _ in range(_DRAIN):
-            try:
-                data = publish.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                if core.on_subscription(data):
-                    _apply(publish, data)
-            except Exception as exc:
-                self._internal_error(exc)
-
-    def _drain_zap(self) -> None:
-        zap_sock, zap = self._zap_sock, self.zap
-        assert zap_sock is not None and zap is not None
-        for _ in range(_DRAIN):
-            try:
-                request = zap_sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            zap_sock.send_multipart(zap.handle(request))
-
-    def _drain_control_secure(self) -> None:
-        control, core = self.control, self.core
-        for _ in range(_DRAIN):
-            try:
-                parts = control.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            data = [p.bytes for p in parts]
-            try:
-                if len(data) == 2:
-                    core.on_control(data[0], data[1], _user_of(parts[-1]))
-                else:
-                    core.reject_control(data[0], _frame_count_error(data))
             except Exception as exc:
                 self._internal_error(exc)
 
@@ -338,8 +297,9 @@ class Broker:
             except Exception as exc:
                 self._internal_error(exc)
 
-    def _drain_publish_secure(self) -> None:
+    def _drain_publish(self) -> None:
         publish, core = self.publish, self.core
+        secure = self._server_key is not None
         for _ in range(_DRAIN):
             try:
                 frame = publish.recv(zmq.NOBLOCK, copy=False)
@@ -347,10 +307,21 @@ class Broker:
                 return
             data = frame.bytes
             try:
-                if core.on_subscription(data, _user_of(frame)):
-                    _apply(publish, data)
+                if core.on_subscription(data, _user_of(frame) if secure else None):
+                    # XPUB_MANUAL: this applies to the connection the message came from.
+                    publish.setsockopt(zmq.SUBSCRIBE if data[0] == 1 else zmq.UNSUBSCRIBE, data[1:])
             except Exception as exc:
                 self._internal_error(exc)
+
+    def _drain_zap(self) -> None:
+        zap_sock, zap = self._zap_sock, self.zap
+        assert zap_sock is not None and zap is not None
+        for _ in range(_DRAIN):
+            try:
+                request = zap_sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            zap_sock.send_multipart(zap.handle(request))
 
     def _internal_error(self, exc: Exception) -> None:
         """A message the core failed on (a bug): counted and logged, and the broker
