@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from itertools import islice
+from itertools import count, islice, repeat
 
 from zevents.errors import ReplayUnavailableError, StreamClosedError
 from zevents.protocol.frames import topic
@@ -299,6 +299,14 @@ class StreamBuffer:
             self.parked_by = {}
         self.parked.append((client_id, pseq, raw))
         self.parked_by[client_id] = self.parked_by.get(client_id, 0) + 1
+
+    def park_batch(self, client_id: bytes, first_pseq: int, raws: list[bytes]) -> None:
+        """:meth:`park` each of ``raws``, numbered from ``first_pseq``."""
+        if self.parked is _NO_PARKED:
+            self.parked = deque()
+            self.parked_by = {}
+        self.parked.extend(zip(repeat(client_id), count(first_pseq), raws))
+        self.parked_by[client_id] = self.parked_by.get(client_id, 0) + len(raws)
 
     def room(self) -> int:
         """How many events :meth:`admit_batch` would take now."""

@@ -373,15 +373,20 @@ class BrokerCore:
         if self._resend_asked:
             self._resend_asked.pop((client, stream.stream_id), None)
         budget = self.budget
-        if not errors and first > last and not stream.parked and budget.used + body <= budget.cap:
-            # The common case: all new, all valid, nobody waiting ahead of them
-            # (and the frame's body is exactly the events, back to back).
-            admitted = stream.admit_batch(raws, body)
-            through = first + admitted - 1
-            if admitted < len(raws):
-                self._hit("buffer_size", len(raws) - admitted)
-                for i in range(admitted, len(raws)):
-                    through = self._full(stream, client, first + i, raws[i], through)
+        if not errors and first > last and budget.used + body <= budget.cap:
+            # The common case: all new, all valid (and the frame's body is exactly
+            # the events, back to back).  Admitted at once unless others wait ahead.
+            if stream.parked:
+                admitted = through = 0  # behind them, and not past them
+            else:
+                admitted = stream.admit_batch(raws, body)
+                through = first + admitted - 1
+            rest = len(raws) - admitted
+            if rest:
+                self._hit("buffer_size", rest)
+                if not self._park_all(stream, client, first + admitted, raws, admitted):
+                    for i in range(admitted, len(raws)):
+                        through = self._full(stream, client, first + i, raws[i], through)
         else:
             through = self._ingest_slowly(stream, client, first, last, raws, errors)
         end = first + len(raws) - 1
@@ -430,6 +435,21 @@ class BrokerCore:
             else:
                 through = self._full(stream, client, pseq, raw, through, memory=True)
         return through
+
+    def _park_all(
+        self, stream: StreamBuffer, client: bytes, pseq: int, raws: list[bytes], start: int
+    ) -> bool:
+        """Park ``raws[start:]`` (numbered from ``pseq``) in one go if :meth:`_full`
+        would park each of them (BLOCK, within the window and ``max_parked``)."""
+        n = len(raws) - start
+        if (
+            stream.policy is BackpressurePolicy.DROP
+            or stream.parked_by.get(client, 0) + n > self.config.window
+            or len(stream.parked) + n > self.config.max_parked
+        ):
+            return False
+        stream.park_batch(client, pseq, raws[start:] if start else raws)
+        return True
 
     def _fits(self, stream: StreamBuffer, n: int) -> bool:
         """Whether ``n`` more bytes fit under the memory cap, trimming acknowledged

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -233,8 +234,10 @@ class Broker:
             deadline = core.next_deadline()  # owed acks waiting to be coalesced, a commit
             if deadline is not None and deadline < wake:
                 wake = deadline
-            timeout = max(0.0, wake - time.monotonic())
-            ready = dict(poller.poll(int(timeout * 1000)))
+            # Whole milliseconds, rounded up: rounding down spun on poll(0) for the
+            # last millisecond before every deadline.
+            timeout_ms = math.ceil(max(0.0, wake - time.monotonic()) * 1000)
+            ready = dict(poller.poll(timeout_ms))
             for sock, drain in drains:
                 if sock in ready:
                     drain()

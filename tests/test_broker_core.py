@@ -559,6 +559,30 @@ def test_max_parked_nacks_stream_full(clock: FakeClock) -> None:
         prod.check("s")
 
 
+@pytest.mark.parametrize("limit", ["none", "window", "max_parked"])
+def test_frames_behind_parked_events_park_whole_or_to_the_limit(
+    clock: FakeClock, limit: str
+) -> None:
+    # A frame arriving while events are parked parks in one go (the hot path of a
+    # small BLOCK buffer), unless that would pass the window or max_parked: then
+    # exactly the events over it are refused, as one by one.
+    kw = {"none": {}, "window": {"window": 5}, "max_parked": {"max_parked": 5}}[limit]
+    b = Broker(clock, buffer_size=2, **kw)
+    b.subscribed(S, "s")
+    b.ingest("s", 1, [ev(1), ev(2), ev(3)])  # 3 parked
+    b.ingest("s", 4, [ev(i) for i in range(4, 9)])  # 4..8 behind it
+    _, ctl = b.flush()
+    assert acks_of(ctl) == [["s", 2]]
+    refused = [m[2:4] for m in of_kind(ctl, "nack")]
+    assert refused == ([] if limit == "none" else [[8, 8]])
+    assert b.info("s").parked == (6 if limit == "none" else 5)
+    assert b.stats().limits.get("buffer_size") == 6
+    b.ack(S, "s", 2)  # room for two: 3 and 4 go in, acked through 4
+    pub, ctl = b.flush()
+    assert published(pub) == [("s", "E", 3, ["t3", "t4"])]
+    assert acks_of(ctl) == [["s", 4]]
+
+
 def test_unsubscribe_reply_round_carries_the_admission(clock: FakeClock) -> None:
     b = Broker(clock, buffer_size=1)
     b.subscribed(S, "s")

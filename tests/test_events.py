@@ -547,6 +547,47 @@ def test_to_msgpack_format() -> None:
     assert obj["timestamp"].to_datetime() == TS
 
 
+@pytest.mark.parametrize("text", ["", "tok", "é" * 40, "x" * 70_000])
+@pytest.mark.parametrize(
+    "factory", [Event.text_delta, Event.thinking, Event.error, Event.message_start]
+)
+def test_to_msgpack_of_one_str_field_events_is_the_generic_encoding(
+    factory: Any, text: str
+) -> None:
+    # These are encoded from pre-encoded pieces (the hot path): byte for byte what
+    # msgpack writes for the same map.
+    e = factory(text)
+    packer = msgpack.Packer(use_bin_type=True, datetime=True)
+    expected = packer.pack({"type": e.type.value, "data": e.data, "timestamp": e.timestamp})
+    assert e.to_msgpack() == expected
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda e: setattr(e, "data", {"text": 5}),
+        lambda e: setattr(e, "data", {"text": "a", "n": float("nan")}),
+        lambda e: setattr(e, "timestamp", datetime(2024, 1, 1)),
+        lambda e: setattr(e, "type", "TextDelta"),
+        lambda e: e.data.update(text="\ud800"),
+    ],
+    ids=["not-str", "extra-nan", "naive-timestamp", "type-not-a-member", "lone-surrogate"],
+)
+def test_to_msgpack_hot_path_still_refuses_what_validate_refuses(change: Any) -> None:
+    e = Event.text_delta("ok")
+    change(e)
+    with pytest.raises(InvalidEventError):
+        e.to_msgpack()
+
+
+def test_to_msgpack_of_text_delta_with_other_timezone_or_extra_keys() -> None:
+    e = Event.text_delta("ok")
+    e.timestamp = datetime(2024, 1, 1, 3, tzinfo=timezone(timedelta(hours=2)))
+    e.data["t"] = 7
+    back = Event.from_msgpack(e.to_msgpack())
+    assert back.data == {"text": "ok", "t": 7} and back.timestamp == e.timestamp
+
+
 def test_to_msgpack_timestamp_is_ext_type_minus_1() -> None:
     payload = valid_event().to_msgpack()
     key = msgpack.packb("timestamp")

@@ -393,6 +393,53 @@ def test_split_events_truncated_batch_raises() -> None:
         split_events(ev(1) + ev(2)[:-2])
 
 
+@pytest.mark.parametrize(
+    "tail",
+    [b"\x93\x01", b"\x83\xa4type", b"\xa5ab", b"\xd7\xff\x00"],
+    ids=["inside-a-list", "inside-a-map", "inside-a-str", "inside-an-ext"],
+)
+def test_split_events_truncated_anywhere_raises_and_leaves_nothing_behind(tail: bytes) -> None:
+    # msgpack's iteration stops quietly inside a truncated list or map (and its
+    # tell() counts the bytes as read): it must still raise, and the decoder it
+    # reuses between frames must not carry the half-read object into the next one.
+    with pytest.raises(InvalidEventError, match="truncated"):
+        split_events(ev(1) + tail)
+    assert split_events(ev(2) + ev(3)) == [msgpack.unpackb(ev(i), timestamp=3) for i in (2, 3)]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [ev(2)[:-3], b"\xc1" * 4, pack({1: 2}), b"\x93\x01"],
+    ids=["truncated", "garbage", "non-str-key", "truncated-list"],
+)
+def test_decode_batch_after_a_bad_frame_decodes_the_next_one_whole(bad: bytes) -> None:
+    frame, start = _body_frame(ev(1) + bad)
+    assert iter_checked_events(frame, start)[-1][1] is not None
+    frame, start = _body_frame(ev(4) + ev(5))
+    assert iter_checked_events(frame, start) == [(ev(4), None), (ev(5), None)]
+
+
+def test_decode_batch_one_str_field_fast_check_agrees_with_check_wire_event() -> None:
+    # The inline check of text-delta-shaped events must refuse what the full one does.
+    ts = msgpack.Timestamp(1, 0)
+    bad = [
+        pack({"type": "TextDelta", "data": {"text": 5}, "timestamp": ts}),
+        pack({"type": "TextDelta", "data": {"index": "x"}, "timestamp": ts}),
+        pack({"type": "TextDelta", "data": {"text": "x"}, "timestamp": 5}),
+        pack({"type": "ContentStart", "data": {"index": "x"}, "timestamp": ts}),
+        pack({"type": "Nope", "data": {"text": "x"}, "timestamp": ts}),
+        pack({"type": ["TextDelta"], "data": {"text": "x"}, "timestamp": ts}),
+        pack({"data": {"text": "x"}, "timestamp": ts}),
+    ]
+    good = [
+        pack({"type": "Thinking", "data": {"thinking": "x"}, "timestamp": ts}),
+        pack({"type": "TextDelta", "data": {"text": "x", "more": [1]}, "timestamp": ts}),
+    ]
+    frame, start = _body_frame(b"".join(bad + good))
+    out = iter_checked_events(frame, start)
+    assert [err is None for _, err in out] == [False] * len(bad) + [True] * len(good)
+
+
 @FUZZ
 @given(st.binary(max_size=300))
 def test_decode_publish_arbitrary_bytes(data: bytes) -> None:

@@ -79,6 +79,13 @@ _FIELDS: dict[str, tuple[tuple[str, type, bool], ...]] = {
     "Thinking": (("thinking", str, False),),
 }
 
+#: Event types whose data is one str field, and that field (a text delta's "text").
+ONE_STR_FIELD: dict[str, str] = {
+    name: fields[0][0]
+    for name, fields in _FIELDS.items()
+    if len(fields) == 1 and fields[0][1] is str
+}
+
 # The same, keyed by member (a str Enum hashes by name, so it cannot share the dict).
 _FIELDS_OF: dict[EventType, tuple[tuple[str, type, bool], ...]] = {
     t: _FIELDS[t.value] for t in EventType
@@ -86,6 +93,9 @@ _FIELDS_OF: dict[EventType, tuple[tuple[str, type, bool], ...]] = {
 
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
+
+
+_datetime_now = datetime.now
 
 
 def utc_now() -> datetime:
@@ -261,7 +271,7 @@ class Event:
         event = cls.__new__(cls)
         event.type = kind
         event.data = {key: text}
-        event.timestamp = utc_now()
+        event.timestamp = _datetime_now(timezone.utc)  # utc_now(), one call less
         event.seq = None
         event.stream_id = None
         return event
@@ -363,6 +373,28 @@ class Event:
 
     def to_msgpack(self) -> bytes:
         """The event as a msgpack map (timestamp as the standard extension type -1)."""
+        kind = self.type
+        head = _ONE_STR_HEAD.get(kind) if type(kind) is EventType else None
+        if head is not None:
+            # The hot path (every text delta): one str field and a UTC timestamp
+            # are valid as they stand, and the map's fixed parts are pre-encoded.
+            data = self.data
+            ts = self.timestamp
+            if (
+                type(data) is dict
+                and len(data) == 1
+                and type(text := data.get(head[1])) is str
+                and type(ts) is datetime
+                and ts.tzinfo is _UTC
+            ):
+                try:
+                    pack = _local.packer.pack
+                except AttributeError:
+                    pack = _packer().pack
+                try:
+                    return head[0] + pack(text) + _TIMESTAMP_KEY + pack(ts)  # type: ignore[no-any-return]
+                except ValueError as exc:  # a lone surrogate is no UTF-8
+                    raise InvalidEventError(f"cannot encode as msgpack: {exc}") from exc
         self.validate()
         try:
             # The member is a str (its wire name): msgpack packs it as one, no .value lookup.
@@ -397,16 +429,38 @@ class Event:
 
 _local = threading.local()
 
+# Event types whose data is one str field: (the encoded map up to that field's
+# value, the field's name).  Key order is that of to_msgpack's dict.
+_ONE_STR_HEAD: dict[EventType, tuple[bytes, str]] = {
+    t: (
+        b"\x83"
+        + msgpack.packb("type")
+        + msgpack.packb(t.value)
+        + msgpack.packb("data")
+        + b"\x81"
+        + msgpack.packb(fields[0][0]),
+        fields[0][0],
+    )
+    for t, fields in _FIELDS_OF.items()
+    if t.value in ONE_STR_FIELD
+}
+_TIMESTAMP_KEY: bytes = msgpack.packb("timestamp")
+_UTC = timezone.utc
 
-def _pack(obj: Any) -> bytes:
+
+def _packer() -> msgpack.Packer:
     # One Packer per thread: a Packer is not thread-safe, and building one per
     # call costs more than the packing.  datetime=True writes aware datetimes as
     # the timestamp extension (type -1) in C.
     try:
-        packer = _local.packer
+        packer: msgpack.Packer = _local.packer
     except AttributeError:
         packer = _local.packer = msgpack.Packer(use_bin_type=True, datetime=True)
-    return packer.pack(obj)  # type: ignore[no-any-return]
+    return packer
+
+
+def _pack(obj: Any) -> bytes:
+    return _packer().pack(obj)  # type: ignore[no-any-return]
 
 
 def unpack_event(payload: bytes) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -129,7 +130,8 @@ class SyncIO(_ClientBase):
             now = time.monotonic()
             if self._session.heartbeat_due(now):
                 self._send_control(self._session.heartbeat(now))
-            ready = self._poller.poll(int(max(timeout, 0.0) * 1000))
+            # Rounded up: rounding down spins on poll(0) below a millisecond.
+            ready = self._poller.poll(math.ceil(max(timeout, 0.0) * 1000))
             for sock, _ in ready:
                 _drain(sock, self._on_control if sock is self._ctl else self._data_socks[sock])
             self._after_pump()

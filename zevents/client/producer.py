@@ -37,6 +37,10 @@ ClosedCallback = Callable[[StreamClosed], None]
 _SYNC = ("sync",)
 _RESYNC = 3  # heartbeats between two syncs while waiting for answers
 
+# Plain ints: zmq's IntFlag members make every `&` a Python-level call.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+
 
 class _ProducerLogic(_ClientBase):
     """What both producers share: encoding, answers, restarts, close notices."""
@@ -193,7 +197,7 @@ class Producer(_ProducerLogic, SyncIO):
         raws = self._encode(stream_id, events)
         state = self._state
         with self._io_lock:  # the keepalive thread shares the control socket
-            waiting = int(self._ctl.getsockopt(zmq.EVENTS)) & zmq.POLLIN
+            waiting = int(self._ctl.getsockopt(_EVENTS)) & _POLLIN
         if waiting:  # cheaper than a poll per send
             self._pump(0)
         state.check(stream_id)

@@ -241,9 +241,10 @@ class Subscriber(_SubscriberLogic, SyncIO):
         :class:`TimeoutError` after ``timeout`` seconds without one, and a
         stream's error (say :class:`ReplayUnavailableError`) where it occurs.
         """
-        self._check_open()
+        if self._closed:
+            self._check_open()
         state = self._state
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None  # set when first needed: an event already here needs no clock
         while True:
             event = state.next_event(stream_id)
             if event is not None:
@@ -256,6 +257,8 @@ class Subscriber(_SubscriberLogic, SyncIO):
                 self._send_pending(time.monotonic())
                 return None
             now = time.monotonic()
+            if deadline is None and timeout is not None:
+                deadline = now + timeout
             self._send_pending(now)
             step = self._session.heartbeat_interval / 2
             if state.acks_pending():  # wake up in time to send them

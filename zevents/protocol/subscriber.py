@@ -291,9 +291,11 @@ class SubscriberState:
     def _take(self, cursor: Cursor) -> Event | None:
         if cursor.ready:
             event = cursor.ready.popleft()
+            acked = cursor.acked
+            if cursor.taken <= acked:  # the first take since its last ack
+                self._unacked[cursor.stream_id] = cursor
             taken = cursor.taken = event.seq or cursor.taken
-            self._unacked[cursor.stream_id] = cursor
-            if taken - cursor.acked >= cursor.buffer_size >> 1:
+            if taken - acked >= cursor.buffer_size >> 1:
                 self.ack_due = True
             return event
         if cursor.error is not None:
