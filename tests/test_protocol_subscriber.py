@@ -496,6 +496,27 @@ def test_ack_at_half_buffer_even_within_interval() -> None:
     assert sub.acks(100.002, force=False) == ["s", 11]  # 10 taken: half the buffer
 
 
+def test_within_an_interval_only_streams_half_a_buffer_ahead_are_acked() -> None:
+    sub = SubscriberState(ack_interval=10.0)
+    for sid in ("a", "b", "c"):
+        sub.add(sid)
+        sub.on_replay(replay(1, 30, sid=sid, buffer_size=20), subscribed=True)
+    sub.next_event("a")
+    assert sub.acks(100.0, force=True) == ["a", 1]  # starts the interval
+    for _ in range(3):
+        sub.next_event("a")
+    for _ in range(10):
+        sub.next_event("b")  # half of 20
+    sub.next_event("c")
+    assert sub.acks(100.001) == ["b", 10]
+    assert sub.acks(100.002) == []  # a and c wait for the interval
+    for _ in range(10):
+        sub.next_event("c")
+    assert sub.acks(100.003) == ["c", 11]
+    flat = sub.acks(111.0)  # the interval: everything taken
+    assert dict(zip(flat[::2], flat[1::2], strict=True)) == {"a": 4}
+
+
 def test_acks_cover_many_streams() -> None:
     sub = SubscriberState()
     for sid in ("a", "b", "c"):

@@ -40,6 +40,7 @@ _RESYNC = 3  # heartbeats between two syncs while waiting for answers
 # Plain ints: zmq's IntFlag members make every `&` a Python-level call.
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+_LOOK_EVERY = 0.0005  # seconds: how often send looks for the broker's answers
 
 
 class _ProducerLogic(_ClientBase):
@@ -171,6 +172,7 @@ class Producer(_ProducerLogic, SyncIO):
         self._data_socks[self._push] = lambda frame: None
         self._push.connect(self.handshake.ingest)
         self._init_producer()
+        self._look_after = 0.0  # when send next looks at the control socket
 
     def _push_frame(self, frame: bytes) -> None:
         self._session.sent(time.monotonic())  # answers come back on the control socket
@@ -196,12 +198,18 @@ class Producer(_ProducerLogic, SyncIO):
         validate_stream_id(stream_id)
         raws = self._encode(stream_id, events)
         state = self._state
-        with self._io_lock:  # the keepalive thread shares the control socket
-            waiting = int(self._ctl.getsockopt(_EVENTS)) & _POLLIN
-        if waiting:  # cheaper than a poll per send
-            self._pump(0)
+        now = time.monotonic()
+        if now >= self._look_after:
+            # What the broker said (acks, drops, closures), looked at once per
+            # _LOOK_EVERY at most: asking ZeroMQ costs a syscall, and a caller
+            # sending one event at a time would pay it per event.
+            self._look_after = now + _LOOK_EVERY
+            with self._io_lock:  # the keepalive thread shares the control socket
+                waiting = int(self._ctl.getsockopt(_EVENTS)) & _POLLIN
+            if waiting:  # cheaper than a poll per send
+                self._pump(0)
         state.check(stream_id)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else now + timeout
         i = 0
         while i < len(raws):
             room = state.room(stream_id)
@@ -276,6 +284,7 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
         self._data_socks.append(self._push)
         self._push.connect(self.handshake.ingest)
         self._init_producer()
+        self._look_after = 0.0  # when send next looks at the control socket
 
     def _push_frame(self, frame: bytes) -> None:
         assert self._push is not None

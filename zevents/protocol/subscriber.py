@@ -86,6 +86,7 @@ class SubscriberState:
         self._fetches: list[Fetch] = []
         self.order: deque[Cursor] = deque()  # cursors that may have ready events
         self._unacked: dict[str, Cursor] = {}  # cursors with taken > acked
+        self._half: dict[str, Cursor] = {}  # of those, the ones half a buffer ahead
         self._reported: dict[str, Cursor] = {}  # cursors with a heartbeat head pending
         self._ending: dict[str, Cursor] = {}  # cursors that learnt their end or an error
         #: Half a buffer was taken somewhere since its last ack: acks() has work now.
@@ -296,6 +297,7 @@ class SubscriberState:
                 self._unacked[cursor.stream_id] = cursor
             taken = cursor.taken = event.seq or cursor.taken
             if taken - acked >= cursor.buffer_size >> 1:
+                self._half[cursor.stream_id] = cursor
                 self.ack_due = True
             return event
         if cursor.error is not None:
@@ -337,7 +339,13 @@ class SubscriberState:
         due = force or now - self._last_ack >= self.ack_interval
         flat: list[Any] = []
         unacked = self._unacked
-        for sid, cursor in list(unacked.items()):
+        # Between intervals only the cursors half a buffer ahead can be due: a
+        # subscriber following thousands of streams does not look at every one.
+        candidates = list((unacked if due else self._half).items())
+        self._half.clear()
+        for sid, cursor in candidates:
+            if unacked.get(sid) is not cursor:
+                continue  # acked already, or removed
             taken = cursor.taken
             if taken <= cursor.acked:
                 del unacked[sid]
