@@ -239,7 +239,7 @@ def test_session_handshake_through_the_core(b: Broker) -> None:
 
 
 def test_acks_are_coalesced_until_a_quarter_window_a_delay_or_a_sync(clock: FakeClock) -> None:
-    b = Broker(clock, ack_delay=0.005)  # window 256: a quarter is 64 events
+    b = Broker(clock, ack_delay=0.005, window=256)  # a quarter window is 64 events
     b.ingest("s", 1, [ev(1)])
     assert acks_of(b.flush()[1]) == []  # one event owed: it may wait
     clock.advance(0.004)

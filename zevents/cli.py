@@ -218,7 +218,7 @@ def cli() -> None:
 @click.option(
     "--window",
     type=click.IntRange(min=1),
-    default=256,
+    default=1024,
     show_default=True,
     help="Unacknowledged events a producer may have in flight per stream.",
 )
