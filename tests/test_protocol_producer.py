@@ -76,6 +76,19 @@ def test_room_shrinks_with_unanswered_events_and_grows_with_acks() -> None:
     assert p.unanswered("a") == 1
 
 
+def test_sendable_takes_what_fits_but_no_sliver_of_a_full_window() -> None:
+    p = ProducerState(CID, window=16)  # a quarter window: 4
+    assert p.sendable("a", 40) == 16
+    p.encode("a", [raw(i) for i in range(13)])  # room 3
+    assert p.sendable("a", 2) == 2  # all of it fits: it goes
+    assert p.sendable("a", 3) == 3
+    assert p.sendable("a", 10) == 0  # 3 of 10 would be a sliver: wait for 4
+    p.on_message(ack("a", 1))  # room 4, a quarter window
+    assert p.sendable("a", 10) == 4
+    assert p.sendable("a", 10, queued=1) == 0  # 1 of the 4 is queued already
+    assert ProducerState(CID, window=2).sendable("a", 5) == 2  # quarter of 2: 1
+
+
 def test_acks_are_cumulative_and_idempotent() -> None:
     p = ProducerState(CID)
     sent(p, "a", 5)

@@ -212,17 +212,21 @@ class Producer(_ProducerLogic, SyncIO):
         deadline = None if timeout is None else now + timeout
         i = 0
         while i < len(raws):
-            room = state.room(stream_id)
-            if room <= 0:
+            n = state.sendable(stream_id, len(raws) - i)
+            if n <= 0:
                 left = None if deadline is None else deadline - time.monotonic()
-                if not self._wait_answers(lambda: state.room(stream_id) > 0, left, "send"):
+                rest = len(raws) - i
+                if not self._wait_answers(
+                    lambda: state.sendable(stream_id, rest) > 0,  # noqa: B023 (fixed while it waits)
+                    left,
+                    "send",
+                ):
                     raise TimeoutError(f"stream {stream_id}: send: timed out waiting for room")
                 state.check(stream_id)
                 continue
-            chunk = raws[i : i + room]
-            for frame in state.encode_all(stream_id, chunk):
+            for frame in state.encode_all(stream_id, raws[i : i + n]):
                 self._push_frame(frame)
-            i += len(chunk)
+            i += n
 
     def flush(self, stream_id: str | None = None, timeout: float | None = None) -> None:
         """Wait until the broker answered every event sent (to one stream, or all).
@@ -291,8 +295,9 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
         self._session.sent(time.monotonic())
         self._push.send(frame, copy=False)
 
-    def _room(self, stream_id: str) -> int:
-        return self._state.room(stream_id) - len(self._pending.get(stream_id, ()))
+    def _sendable(self, stream_id: str, wanted: int) -> int:
+        queued = len(self._pending.get(stream_id, ()))
+        return self._state.sendable(stream_id, wanted, queued)
 
     def _flush_pending(self) -> None:
         self._flush_scheduled = False
@@ -317,17 +322,22 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
         deadline = None if timeout is None else loop.time() + timeout
         i = 0
         while i < len(raws):
-            room = self._room(stream_id)
-            if room <= 0:
+            rest = len(raws) - i
+            n = self._sendable(stream_id, rest)
+            if n <= 0:
                 if self._pending:
                     self._flush_pending()
                 left = None if deadline is None else deadline - loop.time()
-                if not await self._wait_answers(lambda: self._room(stream_id) > 0, left, "send"):
+                if not await self._wait_answers(
+                    lambda: self._sendable(stream_id, rest) > 0,  # noqa: B023 (fixed while it waits)
+                    left,
+                    "send",
+                ):
                     raise TimeoutError(f"stream {stream_id}: send: timed out waiting for room")
                 self._state.check(stream_id)
                 continue
-            self._pending.setdefault(stream_id, []).extend(raws[i : i + room])
-            i += room
+            self._pending.setdefault(stream_id, []).extend(raws[i : i + n])
+            i += n
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush_pending)

@@ -88,6 +88,21 @@ class ProducerState:
         out = self._streams.get(stream_id)
         return self.window if out is None else self.window - len(out.unacked)
 
+    def sendable(self, stream_id: str, wanted: int, queued: int = 0) -> int:
+        """How many of ``wanted`` events may go to ``stream_id`` now (``queued``: taken
+        from the room already, not sent yet).
+
+        All that fit, but no sliver: with less room than a quarter window, and more
+        events wanted than that, none.  The window is then full of events the broker
+        holds for the stream (parked, under BLOCK), so waiting for a bigger chunk
+        delays nothing, and the frames stay few and big instead of following the
+        acks' chunks down to a few events each.
+        """
+        room = self.room(stream_id) - queued
+        if room >= wanted:
+            return wanted
+        return room if room >= max(1, self.window >> 2) else 0
+
     def check_size(self, stream_id: str, raw: bytes) -> None:
         """Raise :class:`LimitExceededError` if one event cannot fit in a message."""
         overhead = len(stream_id.encode()) + 1 + frames.CLIENT_ID_SIZE + 8
