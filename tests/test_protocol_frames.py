@@ -419,6 +419,28 @@ def test_decode_batch_after_a_bad_frame_decodes_the_next_one_whole(bad: bytes) -
     assert iter_checked_events(frame, start) == [(ev(4), None), (ev(5), None)]
 
 
+def test_an_error_of_any_kind_mid_frame_leaves_nothing_for_the_next_frame(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The decoder is reused between frames: a failure after it was fed (here the
+    # check, as a MemoryError would) must not leave the rest of that frame in it.
+    calls = []
+
+    def failing_check(obj: Any) -> None:
+        calls.append(obj)
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(frames, "check_wire_event", failing_check)
+    frame, start = _body_frame(ev(1, EventType.CONTENT_START) + ev(2) + ev(3))
+    with pytest.raises(MemoryError):
+        decode_batch(frame, start)
+    monkeypatch.undo()
+    assert calls
+    frame, start = _body_frame(ev(4) + ev(5))
+    assert iter_checked_events(frame, start) == [(ev(4), None), (ev(5), None)]
+    assert split_events(ev(6)) == [msgpack.unpackb(ev(6), timestamp=3)]
+
+
 def test_decode_batch_one_str_field_fast_check_agrees_with_check_wire_event() -> None:
     # The inline check of text-delta-shaped events must refuse what the full one does.
     ts = msgpack.Timestamp(1, 0)

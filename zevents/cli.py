@@ -223,6 +223,13 @@ def cli() -> None:
     help="Unacknowledged events a producer may have in flight per stream.",
 )
 @click.option(
+    "--max-parked",
+    type=click.IntRange(min=1),
+    default=65_536,
+    show_default=True,
+    help="BLOCK events waiting for room, per stream (beyond: refused as stream full).",
+)
+@click.option(
     "--max-message-size",
     type=ByteSize(),
     default="1M",
@@ -305,6 +312,7 @@ def broker(
     subscriber_timeout: float,
     require_create: bool,
     window: int,
+    max_parked: int,
     max_message_size: int,
     max_event_size: int,
     max_streams: int,
@@ -336,6 +344,7 @@ def broker(
         subscriber_timeout=subscriber_timeout,
         require_create=require_create,
         window=window,
+        max_parked=max_parked,
         max_message_size=max_message_size,
         max_event_size=max_event_size,
         max_streams=max_streams,

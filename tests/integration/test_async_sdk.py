@@ -689,3 +689,17 @@ async def test_separate_sends_of_large_events_are_delivered(broker, stream_id):
         await p.flush(timeout=5)
         got = await take(following, len(events))
     assert text_of(got) == text_of(events)
+
+
+async def test_a_refusal_ends_a_wait_for_a_quarter_window(make_broker, stream_id):
+    # As in test_semantics: a nack freeing less than a quarter window ends the wait.
+    b = make_broker("--buffer-size", "4", "--window", "64", "--max-parked", "50")
+    async with (
+        AsyncSubscriber(b.control, timeout=T) as sub,
+        AsyncProducer(b.control, timeout=T) as p,
+    ):
+        await within(sub.subscribe(stream_id, create=True))  # never reads
+        await within(p.send_many(stream_id, [Event.text_delta(str(i)) for i in range(64)]))
+        with pytest.raises(StreamFullError):
+            await within(p.send_many(stream_id, [Event.text_delta("more")] * 20, timeout=T / 2))
+        await sub.aclose()  # stops gating: what is parked goes in, and the exit flushes

@@ -193,6 +193,21 @@ def test_block_send_times_out_when_full_and_nobody_reads(broker, stream_id):
         admin.close_stream(other)
 
 
+def test_a_refusal_ends_a_wait_for_a_quarter_window(make_broker, stream_id):
+    # A producer whose window is nearly full waits for a quarter of it (it sends no
+    # slivers); a nack that frees less than that must still end the wait with its
+    # error. Here max_parked refuses 10 of the first 64 events of a stalled stream.
+    b = make_broker("--buffer-size", "4", "--window", "64", "--max-parked", "50")
+    with Subscriber(b.control, timeout=T) as sub, Producer(b.control, timeout=T) as p:
+        sub.subscribe(stream_id, create=True)  # subscribed, never reads: the stream stalls
+        p.send_many(stream_id, texts(64))  # 4 admitted, 50 parked, 10 refused
+        started = time.monotonic()
+        with pytest.raises(StreamFullError):
+            p.send_many(stream_id, texts(20, start=64), timeout=T)
+        assert time.monotonic() - started < T / 2
+        sub.close()  # stops gating: what is parked goes in, and the producer's exit flushes
+
+
 # -- DROP ------------------------------------------------------------------------------
 
 

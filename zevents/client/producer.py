@@ -216,11 +216,11 @@ class Producer(_ProducerLogic, SyncIO):
             if n <= 0:
                 left = None if deadline is None else deadline - time.monotonic()
                 rest = len(raws) - i
-                if not self._wait_answers(
-                    lambda: state.sendable(stream_id, rest) > 0,  # noqa: B023 (fixed while it waits)
-                    left,
-                    "send",
-                ):
+
+                def ready() -> bool:  # room for a chunk, or news to raise (a nack)
+                    return state.sendable(stream_id, rest) > 0 or state.has_news(stream_id)  # noqa: B023
+
+                if not self._wait_answers(ready, left, "send"):
                     raise TimeoutError(f"stream {stream_id}: send: timed out waiting for room")
                 state.check(stream_id)
                 continue
@@ -328,11 +328,11 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
                 if self._pending:
                     self._flush_pending()
                 left = None if deadline is None else deadline - loop.time()
-                if not await self._wait_answers(
-                    lambda: self._sendable(stream_id, rest) > 0,  # noqa: B023 (fixed while it waits)
-                    left,
-                    "send",
-                ):
+
+                def ready() -> bool:  # room for a chunk, or news to raise (a nack)
+                    return self._sendable(stream_id, rest) > 0 or self._state.has_news(stream_id)  # noqa: B023
+
+                if not await self._wait_answers(ready, left, "send"):
                     raise TimeoutError(f"stream {stream_id}: send: timed out waiting for room")
                 self._state.check(stream_id)
                 continue

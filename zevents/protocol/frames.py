@@ -122,7 +122,7 @@ def decode_batch(frame: bytes, start: int) -> tuple[list[bytes], dict[int, ZEven
     append = raws.append
     check = check_wire_event
     one_str = ONE_STR_FIELD
-    unpacker = _reused_unpacker()
+    reused = unpacker = _take_unpacker()
     base = start - unpacker.tell()  # its tell() counts every byte it ever took
     unpacker.feed(memoryview(frame)[start:])
     unpack = unpacker.unpack
@@ -133,12 +133,12 @@ def decode_batch(frame: bytes, start: int) -> tuple[list[bytes], dict[int, ZEven
         try:
             obj = unpack()
         except msgpack.OutOfData:
-            _local.unpacker = None  # it holds the tail: start the next frame afresh
+            reused = None  # it holds the tail: not given back
             errors[len(raws)] = InvalidEventError("truncated msgpack at end of batch")
             append(frame[pos:])
             break
         except Exception as exc:
-            _local.unpacker = None
+            reused = None
             # Well-formed msgpack that is no event (a non-str key, a timestamp out
             # of range) costs only itself: skip it with a lenient decoder.
             size = _object_size(frame, pos)
@@ -170,6 +170,8 @@ def decode_batch(frame: bytes, start: int) -> tuple[list[bytes], dict[int, ZEven
                 errors[len(raws)] = exc
         append(frame[pos:nxt])
         pos = nxt
+    if reused is not None:
+        _local.unpacker = reused  # read to the end: empty, ready for the next frame
     return raws, errors
 
 
@@ -193,12 +195,15 @@ def count_events(frame: bytes, start: int) -> int:
 _local = threading.local()
 
 
-def _reused_unpacker() -> msgpack.Unpacker:
-    """This thread's event Unpacker, empty between frames: making one per frame
-    costs more than decoding a one-event frame.  Dropped after any error."""
+def _take_unpacker() -> msgpack.Unpacker:
+    """This thread's event Unpacker (making one per frame costs more than decoding
+    a one-event frame).  It is taken out while in use and given back
+    (``_local.unpacker = ...``) only once read to the end of a frame, so an
+    error of any kind, anywhere, leaves nothing half-read for the next frame."""
     unpacker: msgpack.Unpacker | None = getattr(_local, "unpacker", None)
     if unpacker is None:
-        unpacker = _local.unpacker = msgpack.Unpacker(raw=False, timestamp=3, strict_map_key=True)
+        return msgpack.Unpacker(raw=False, timestamp=3, strict_map_key=True)
+    _local.unpacker = None
     return unpacker
 
 
@@ -256,7 +261,7 @@ def split_events(payload: bytes | memoryview) -> list[dict[str, Any]]:
     The broker has already validated them; a broken batch still raises
     :class:`InvalidEventError`, never a msgpack error.
     """
-    unpacker = _reused_unpacker()
+    unpacker = _take_unpacker()
     try:
         unpacker.feed(payload)
         events = list(unpacker)
@@ -267,11 +272,10 @@ def split_events(payload: bytes | memoryview) -> list[dict[str, Any]]:
         if unpacker.unpack() is not None:
             raise msgpack.OutOfData
     except msgpack.OutOfData:
-        _local.unpacker = None
         raise InvalidEventError("truncated event batch") from None
     except Exception as exc:
-        _local.unpacker = None
         raise InvalidEventError(f"malformed event batch: {exc}") from exc
+    _local.unpacker = unpacker
     return events
 
 

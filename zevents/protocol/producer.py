@@ -103,6 +103,12 @@ class ProducerState:
             return wanted
         return room if room >= max(1, self.window >> 2) else 0
 
+    def has_news(self, stream_id: str) -> bool:
+        """Whether :meth:`check` would raise for ``stream_id`` (closed, or an error
+        the broker reported): a wait for room must end on it."""
+        out = self._streams.get(stream_id)
+        return out is not None and (out.closed or out.error is not None)
+
     def check_size(self, stream_id: str, raw: bytes) -> None:
         """Raise :class:`LimitExceededError` if one event cannot fit in a message."""
         overhead = len(stream_id.encode()) + 1 + frames.CLIENT_ID_SIZE + 8
