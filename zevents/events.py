@@ -95,12 +95,13 @@ _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
 
 
-_datetime_now = datetime.now
+_datetime_now = datetime.now  # the hot factories call it directly (one call less)
+_UTC = timezone.utc
 
 
 def utc_now() -> datetime:
     """Now, as a timezone-aware UTC datetime."""
-    return datetime.now(timezone.utc)
+    return _datetime_now(_UTC)
 
 
 #: Deepest nesting of lists and dicts allowed in event data.
@@ -271,7 +272,7 @@ class Event:
         event = cls.__new__(cls)
         event.type = kind
         event.data = {key: text}
-        event.timestamp = _datetime_now(timezone.utc)  # utc_now(), one call less
+        event.timestamp = _datetime_now(_UTC)  # utc_now(), inlined
         event.seq = None
         event.stream_id = None
         return event
@@ -445,7 +446,6 @@ _ONE_STR_HEAD: dict[EventType, tuple[bytes, str]] = {
     if t.value in ONE_STR_FIELD
 }
 _TIMESTAMP_KEY: bytes = msgpack.packb("timestamp")
-_UTC = timezone.utc
 
 
 def _packer() -> msgpack.Packer:

@@ -202,13 +202,17 @@ def _take_unpacker() -> msgpack.Unpacker:
     error of any kind, anywhere, leaves nothing half-read for the next frame."""
     unpacker: msgpack.Unpacker | None = getattr(_local, "unpacker", None)
     if unpacker is None:
-        return msgpack.Unpacker(raw=False, timestamp=3, strict_map_key=True)
+        return _new_event_unpacker()
     _local.unpacker = None
     return unpacker
 
 
+def _new_event_unpacker() -> msgpack.Unpacker:
+    return msgpack.Unpacker(raw=False, timestamp=3, strict_map_key=True)
+
+
 def _event_unpacker(frame: bytes, start: int) -> msgpack.Unpacker:
-    unpacker = msgpack.Unpacker(raw=False, timestamp=3, strict_map_key=True)
+    unpacker = _new_event_unpacker()
     unpacker.feed(memoryview(frame)[start:])
     return unpacker
 
