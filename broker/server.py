@@ -213,6 +213,7 @@ class Broker:
 
     def _loop(self) -> None:
         core = self.core
+        control = self.control
         secure = self._server_key is not None
         # (socket, what drains it): with CURVE each message is read with its key's
         # name; the plain ingest drain, the hot path, stays free of that cost.
@@ -241,6 +242,10 @@ class Broker:
             for sock, drain in drains:
                 if sock in ready:
                     drain()
+                    if sock is control:
+                        # What the control messages released (a subscriber's ack
+                        # admits parked events) goes out before the ingest backlog.
+                        self._send(*core.flush())
             now = time.monotonic()
             if now >= next_tick:
                 core.on_tick()
