@@ -442,14 +442,19 @@ class BrokerCore:
         """Park ``raws[start:]`` (numbered from ``pseq``) in one go if :meth:`_full`
         would park each of them (BLOCK, within the window and ``max_parked``)."""
         n = len(raws) - start
-        if (
-            stream.policy is BackpressurePolicy.DROP
-            or stream.parked_by.get(client, 0) + n > self.config.window
-            or len(stream.parked) + n > self.config.max_parked
-        ):
+        if stream.policy is BackpressurePolicy.DROP or self._park_limit(stream, client, n):
             return False
         stream.park_batch(client, pseq, raws[start:] if start else raws)
         return True
+
+    def _park_limit(self, stream: StreamBuffer, client: bytes, n: int) -> str:
+        """The limit that parking ``n`` more of ``client``'s events would pass
+        (``"window"`` or ``"max_parked"``), or ``""``."""
+        if stream.parked_by.get(client, 0) + n > self.config.window:
+            return "window"
+        if len(stream.parked) + n > self.config.max_parked:
+            return "max_parked"
+        return ""
 
     def _fits(self, stream: StreamBuffer, n: int) -> bool:
         """Whether ``n`` more bytes fit under the memory cap, trimming acknowledged
@@ -492,13 +497,7 @@ class BrokerCore:
             per = self._drops.setdefault(client, {})
             per[sid] = per.get(sid, 0) + 1
             return through if client in stream.parked_by else pseq
-        over = (
-            "window"
-            if stream.parked_by.get(client, 0) >= self.config.window
-            else "max_parked"
-            if len(stream.parked) >= self.config.max_parked
-            else ""
-        )
+        over = self._park_limit(stream, client, 1)
         if over:
             # Only a producer ignoring its window gets here: the SDK never does.
             stream.rejected += 1

@@ -89,6 +89,18 @@ def test_sendable_takes_what_fits_but_no_sliver_of_a_full_window() -> None:
     assert ProducerState(CID, window=2).sendable("a", 5) == 2  # quarter of 2: 1
 
 
+def test_a_wait_for_room_goes_on_for_a_chunk_or_for_news() -> None:
+    p = ProducerState(CID, window=16)
+    p.encode("a", [raw(i) for i in range(14)])  # room 2: no chunk of 10
+    assert not p.may_go_on("a", 10)
+    p.on_message(nack("a", 1, 1, "STREAM_FULL", {"stream": "a", "op": "send", "buffer_size": 1}))
+    assert p.sendable("a", 10) == 0  # room 3: still no chunk
+    assert p.may_go_on("a", 10)  # but the nack's error is news to raise
+    with pytest.raises(StreamFullError):
+        p.check("a")
+    assert not p.may_go_on("a", 10)
+
+
 def test_acks_are_cumulative_and_idempotent() -> None:
     p = ProducerState(CID)
     sent(p, "a", 5)

@@ -15,6 +15,7 @@ are raised by the next ``send`` or ``flush`` on that stream.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -216,10 +217,7 @@ class Producer(_ProducerLogic, SyncIO):
             if n <= 0:
                 left = None if deadline is None else deadline - time.monotonic()
                 rest = len(raws) - i
-
-                def ready() -> bool:  # room for a chunk, or news to raise (a nack)
-                    return state.sendable(stream_id, rest) > 0 or state.has_news(stream_id)  # noqa: B023
-
+                ready = functools.partial(state.may_go_on, stream_id, rest)
                 if not self._wait_answers(ready, left, "send"):
                     raise TimeoutError(f"stream {stream_id}: send: timed out waiting for room")
                 state.check(stream_id)
@@ -295,9 +293,9 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
         self._session.sent(time.monotonic())
         self._push.send(frame, copy=False)
 
-    def _sendable(self, stream_id: str, wanted: int) -> int:
-        queued = len(self._pending.get(stream_id, ()))
-        return self._state.sendable(stream_id, wanted, queued)
+    def _queued(self, stream_id: str) -> int:
+        """Events taken from ``stream_id``'s room, not sent yet (this loop turn's)."""
+        return len(self._pending.get(stream_id, ()))
 
     def _flush_pending(self) -> None:
         self._flush_scheduled = False
@@ -323,16 +321,17 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
         i = 0
         while i < len(raws):
             rest = len(raws) - i
-            n = self._sendable(stream_id, rest)
+            n = self._state.sendable(stream_id, rest, self._queued(stream_id))
             if n <= 0:
                 if self._pending:
                     self._flush_pending()
                 left = None if deadline is None else deadline - loop.time()
 
-                def ready() -> bool:  # room for a chunk, or news to raise (a nack)
-                    return self._sendable(stream_id, rest) > 0 or self._state.has_news(stream_id)  # noqa: B023
-
-                if not await self._wait_answers(ready, left, "send"):
+                if not await self._wait_answers(
+                    lambda: self._state.may_go_on(stream_id, rest, self._queued(stream_id)),  # noqa: B023
+                    left,
+                    "send",
+                ):
                     raise TimeoutError(f"stream {stream_id}: send: timed out waiting for room")
                 self._state.check(stream_id)
                 continue

@@ -109,6 +109,12 @@ class ProducerState:
         out = self._streams.get(stream_id)
         return out is not None and (out.closed or out.error is not None)
 
+    def may_go_on(self, stream_id: str, wanted: int, queued: int = 0) -> bool:
+        """Whether a send waiting to put ``wanted`` events on ``stream_id`` may stop
+        waiting: a chunk may go (:meth:`sendable`), or there is news to raise (a
+        nack that freed less than a chunk ends the wait with its error)."""
+        return self.sendable(stream_id, wanted, queued) > 0 or self.has_news(stream_id)
+
     def check_size(self, stream_id: str, raw: bytes) -> None:
         """Raise :class:`LimitExceededError` if one event cannot fit in a message."""
         overhead = len(stream_id.encode()) + 1 + frames.CLIENT_ID_SIZE + 8
