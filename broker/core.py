@@ -439,22 +439,35 @@ class BrokerCore:
     def _park_all(
         self, stream: StreamBuffer, client: bytes, pseq: int, raws: list[bytes], start: int
     ) -> bool:
-        """Park ``raws[start:]`` (numbered from ``pseq``) in one go if :meth:`_full`
-        would park each of them (BLOCK, within the window and ``max_parked``)."""
-        n = len(raws) - start
-        if stream.policy is BackpressurePolicy.DROP or self._park_limit(stream, client, n):
+        """Park ``raws[start:]`` (numbered from ``pseq``) in one go, BLOCK only: as
+        many as the window and ``max_parked`` allow, the rest refused by one nack
+        (one answer for the run, not one per event, so the producer hears of it
+        once).  False under DROP, where :meth:`_full` deals with each event."""
+        if stream.policy is BackpressurePolicy.DROP:
             return False
-        stream.park_batch(client, pseq, raws[start:] if start else raws)
+        n = len(raws) - start
+        room, over = self._park_room(stream, client)
+        if room >= n:
+            stream.park_batch(client, pseq, raws[start:] if start else raws)
+            return True
+        if room:
+            stream.park_batch(client, pseq, raws[start : start + room])
+        refused = n - room
+        stream.rejected += refused
+        self._rejected += refused
+        self._hit(over, refused)
+        sid = stream.stream_id
+        self._nack(client, sid, pseq + room, pseq + n - 1, _parked_full(stream, self.config.window))
         return True
 
-    def _park_limit(self, stream: StreamBuffer, client: bytes, n: int) -> str:
-        """The limit that parking ``n`` more of ``client``'s events would pass
-        (``"window"`` or ``"max_parked"``), or ``""``."""
-        if stream.parked_by.get(client, 0) + n > self.config.window:
-            return "window"
-        if len(stream.parked) + n > self.config.max_parked:
-            return "max_parked"
-        return ""
+    def _park_room(self, stream: StreamBuffer, client: bytes) -> tuple[int, str]:
+        """How many more of ``client``'s events may park on ``stream``, and the limit
+        that bounds it (``"window"`` or ``"max_parked"``)."""
+        by_window = self.config.window - stream.parked_by.get(client, 0)
+        by_cap = self.config.max_parked - len(stream.parked)
+        if by_window <= by_cap:
+            return max(by_window, 0), "window"
+        return max(by_cap, 0), "max_parked"
 
     def _fits(self, stream: StreamBuffer, n: int) -> bool:
         """Whether ``n`` more bytes fit under the memory cap, trimming acknowledged
@@ -497,8 +510,8 @@ class BrokerCore:
             per = self._drops.setdefault(client, {})
             per[sid] = per.get(sid, 0) + 1
             return through if client in stream.parked_by else pseq
-        over = self._park_limit(stream, client, 1)
-        if over:
+        room, over = self._park_room(stream, client)
+        if not room:
             # Only a producer ignoring its window gets here: the SDK never does.
             stream.rejected += 1
             self._rejected += 1

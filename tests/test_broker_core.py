@@ -545,14 +545,15 @@ def test_block_parked_event_holds_cumulative_ack_past_invalid_ones(clock: FakeCl
 def test_max_parked_nacks_stream_full(clock: FakeClock) -> None:
     b = Broker(clock, buffer_size=1, max_parked=2)
     b.subscribed(S, "s")
-    b.ingest("s", 1, [ev(1), ev(2), ev(3), ev(4)])
+    b.ingest("s", 1, [ev(i) for i in range(1, 7)])
     _, ctl = b.flush()
-    (nack,) = of_kind(ctl, "nack")
-    assert nack[1:5] == ["s", 4, 4, "STREAM_FULL"]
+    (nack,) = of_kind(ctl, "nack")  # one answer for the run refused, not one per event
+    assert nack[1:5] == ["s", 4, 6, "STREAM_FULL"]
     assert nack[6]["buffer_size"] == 1
-    assert b.stats().rejected == 1
+    assert b.stats().rejected == 3
+    assert b.stats().limits.get("max_parked") == 3
     prod = ProducerState(P)
-    prod.encode("s", [ev(i) for i in range(4)])
+    prod.encode("s", [ev(i) for i in range(6)])
     for _, msg in ctl:
         prod.on_message(msg)
     with pytest.raises(StreamFullError):
@@ -565,8 +566,8 @@ def test_frames_behind_parked_events_park_whole_or_to_the_limit(
 ) -> None:
     # A frame arriving while events are parked parks in one go (the hot path of a
     # small BLOCK buffer), unless that would pass the window or max_parked: then
-    # exactly the events over it are refused, as one by one.
-    kw = {"none": {}, "window": {"window": 5}, "max_parked": {"max_parked": 5}}[limit]
+    # exactly the events over it are refused, by one nack.
+    kw = {"none": {}, "window": {"window": 4}, "max_parked": {"max_parked": 4}}[limit]
     b = Broker(clock, buffer_size=2, **kw)
     b.subscribed(S, "s")
     b.ingest("s", 1, [ev(1), ev(2), ev(3)])  # 3 parked
@@ -574,9 +575,10 @@ def test_frames_behind_parked_events_park_whole_or_to_the_limit(
     _, ctl = b.flush()
     assert acks_of(ctl) == [["s", 2]]
     refused = [m[2:4] for m in of_kind(ctl, "nack")]
-    assert refused == ([] if limit == "none" else [[8, 8]])
-    assert b.info("s").parked == (6 if limit == "none" else 5)
+    assert refused == ([] if limit == "none" else [[7, 8]])
+    assert b.info("s").parked == (6 if limit == "none" else 4)
     assert b.stats().limits.get("buffer_size") == 6
+    assert b.stats().limits.get(limit) == (None if limit == "none" else 2)
     b.ack(S, "s", 2)  # room for two: 3 and 4 go in, acked through 4
     pub, ctl = b.flush()
     assert published(pub) == [("s", "E", 3, ["t3", "t4"])]
