@@ -52,6 +52,11 @@ def is_loopback(endpoint: str) -> bool:
         return False  # a wildcard or an interface name
 
 
+def _drained(sock: zmq.Socket[bytes]) -> bool:
+    """Whether ``sock`` has no message waiting (see ``Broker._drain_control``)."""
+    return not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN
+
+
 def _user_of(frame: zmq.Frame) -> str | None:
     """The name of the key a message came with (None if it came with none)."""
     try:
@@ -259,7 +264,9 @@ class Broker:
             self._send(*core.flush())
 
     # Each drain takes what one socket has ready, up to _DRAIN messages, so the
-    # others get their turn.
+    # others get their turn, and stops when the socket says nothing is left:
+    # asking is cheaper than a recv raising Again (about 1.2 against 3.2 µs), and
+    # at a trickle of events every wake-up would end with one.
 
     def _drain_control(self) -> None:
         control, core = self.control, self.core
@@ -278,11 +285,13 @@ class Broker:
                     core.reject_control(parts[0], _frame_count_error(parts))
             except Exception as exc:
                 self._internal_error(exc)
+            if _drained(control):
+                return
 
     def _drain_ingest(self) -> None:
         # The hot path: no per-message branch for CURVE (see _drain_ingest_secure).
-        recv, on_ingest = self.ingest.recv, self.core.on_ingest
-        noblock, again = zmq.NOBLOCK, zmq.Again
+        recv, on_ingest, option = self.ingest.recv, self.core.on_ingest, self.ingest.getsockopt
+        noblock, again, events, pollin = zmq.NOBLOCK, zmq.Again, zmq.EVENTS, zmq.POLLIN
         for _ in range(_DRAIN):
             try:
                 frame = recv(noblock)
@@ -292,6 +301,8 @@ class Broker:
                 on_ingest(frame)
             except Exception as exc:
                 self._internal_error(exc)
+            if not int(option(events)) & pollin:  # _drained, inlined
+                return
 
     def _drain_ingest_secure(self) -> None:
         ingest, core = self.ingest, self.core
@@ -304,6 +315,8 @@ class Broker:
                 core.on_ingest(frame.bytes, _user_of(frame))
             except Exception as exc:
                 self._internal_error(exc)
+            if _drained(ingest):
+                return
 
     def _drain_publish(self) -> None:
         publish, core = self.publish, self.core

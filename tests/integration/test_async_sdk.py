@@ -219,9 +219,14 @@ async def test_late_join_without_gap_or_overlap(broker, stream_id):
         AsyncProducer(broker.control, timeout=T) as p,
     ):
         await admin.create_stream(stream_id, buffer_size=n)
+        joined = asyncio.Event()
 
         async def produce() -> None:
             for i in range(n):
+                if i == n * 3 // 4:
+                    # Sends on while the subscriber joins, but never finishes first
+                    # (the join must be mid-stream for the test to mean anything).
+                    await within(joined.wait())
                 await p.send(stream_id, Event.text_delta(str(i)), timeout=T)
                 if i % 20 == 19:
                     await asyncio.sleep(0)  # a producer among other tasks
@@ -237,6 +242,7 @@ async def test_late_join_without_gap_or_overlap(broker, stream_id):
         async with AsyncSubscriber(broker.control, timeout=T) as sub:
             following = await sub.subscribe(stream_id)
             joined_at = (await admin.stream_info(stream_id)).last_seq
+            joined.set()
             got = await take(following, n)
             await within(producer)
             await admin.close_stream(stream_id)
