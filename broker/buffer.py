@@ -14,7 +14,12 @@ The rules:
   may go.  Otherwise the stream is *full*.
 * A full BLOCK stream parks events in ``parked`` (FIFO, bounded by the
   caller) and admits them as acknowledgements make room; a full DROP stream
-  drops the event and counts it.
+  drops the event and counts it.  Parked events are admitted in order, so
+  their seqs are known when they park: with ``publish_parked`` (a broker
+  without a durable store) they are numbered and published at once, and
+  served to replays and fetches from ``parked``, so subscribers need not wait
+  for the room a round trip of acks makes; their producers still hear of them
+  only once they are admitted (flow control is unchanged).
 * Every subscriber has a cursor: the last seq it acknowledged.  Acks only move
   cursors forward and never past the last seq.
 * Every buffer charges the bytes it holds to one :class:`Budget` shared by the
@@ -77,6 +82,7 @@ class StreamBuffer:
         "parked_by",
         "policy",
         "producers",
+        "publish_parked",
         "rejected",
         "stored_seq",
         "stream_id",
@@ -92,8 +98,10 @@ class StreamBuffer:
         policy: BackpressurePolicy,
         clock: Callable[[], float] = time.monotonic,
         budget: Budget | None = None,
+        publish_parked: bool = False,
     ) -> None:
         self.clock = clock
+        self.publish_parked = publish_parked
         self.budget = budget if budget is not None else Budget()
         self.nbytes = 0  # bytes held in events (charged to the budget)
         self.stream_id = stream_id
@@ -138,7 +146,10 @@ class StreamBuffer:
 
     @property
     def last_seq(self) -> int:
-        """Seq of the newest event ever admitted (0 if none)."""
+        """Seq of the newest event subscribers may have: admitted, or parked and
+        published (``publish_parked``); 0 if none."""
+        if self.publish_parked:
+            return self.next_seq - 1 + len(self.parked)
         return self.next_seq - 1
 
     # -- admission ----------------------------------------------------------------
@@ -170,9 +181,10 @@ class StreamBuffer:
         self.events_in += 1
         return seq
 
-    def admit_batch(self, raws: list[bytes], nbytes: int = -1) -> int:
+    def admit_batch(self, raws: list[bytes], nbytes: int = -1, published: bool = False) -> int:
         """Admit from the front of ``raws`` while there is room; how many were.
-        ``nbytes``: their total size, if the caller knows it."""
+        ``nbytes``: their total size, if the caller knows it; ``published``: they
+        were published when they parked."""
         events = self.events
         free = self.buffer_size - len(events)
         n = len(raws)
@@ -196,12 +208,26 @@ class StreamBuffer:
                 raws = raws[:n]
         self.nbytes += delta
         self.budget.used += delta
-        if not self.unpublished:
-            self.unpublished_seq = self.next_seq
-        self.unpublished.extend(raws)
+        if not published:
+            if not self.unpublished:
+                self.unpublished_seq = self.next_seq
+            self.unpublished.extend(raws)
         self.next_seq += n
         self.events_in += n
         return n
+
+    def admit_parked_closing(self) -> list[tuple[bytes, int, bytes]]:
+        """The stream is closing: admit every parked event, past ``buffer_size`` (with
+        ``publish_parked``: subscribers have seen them).  Returns what was parked."""
+        items = self.unpark_batch(len(self.parked))
+        raws = [raw for _, _, raw in items]
+        delta = sum(map(len, raws))
+        self.events.extend(raws)
+        self.nbytes += delta
+        self.budget.used += delta
+        self.next_seq += len(raws)
+        self.events_in += len(raws)
+        return items
 
     def trim(self) -> int:
         """Evict the oldest events that may leave (every subscriber acknowledged
@@ -273,7 +299,7 @@ class StreamBuffer:
         current = self.cursors.get(client_id)
         if current is None:
             return False
-        seq = min(seq, self.next_seq - 1)  # nobody can have received more than exists
+        seq = min(seq, self.last_seq)  # nobody can have received more than exists
         if seq <= current:
             return False
         self.cursors[client_id] = seq
@@ -290,13 +316,17 @@ class StreamBuffer:
         """Whether ``client_id`` has not acknowledged everything (or has, of a closed
         stream: it may not know the end; the SDK unsubscribes once it does)."""
         acked = self.cursors.get(client_id)
-        return acked is not None and (acked < self.next_seq - 1 or self.closed)
+        return acked is not None and (acked < self.last_seq or self.closed)
 
     def park(self, client_id: bytes, pseq: int, raw: bytes) -> None:
         """Hold a BLOCK event until there is room."""
         if self.parked is _NO_PARKED:
             self.parked = deque()
             self.parked_by = {}
+        if self.publish_parked:
+            if not self.unpublished:
+                self.unpublished_seq = self.next_seq + len(self.parked)
+            self.unpublished.append(raw)
         self.parked.append((client_id, pseq, raw))
         self.parked_by[client_id] = self.parked_by.get(client_id, 0) + 1
 
@@ -305,6 +335,10 @@ class StreamBuffer:
         if self.parked is _NO_PARKED:
             self.parked = deque()
             self.parked_by = {}
+        if self.publish_parked:
+            if not self.unpublished:
+                self.unpublished_seq = self.next_seq + len(self.parked)
+            self.unpublished.extend(raws)
         self.parked.extend(zip(repeat(client_id), count(first_pseq), raws))
         self.parked_by[client_id] = self.parked_by.get(client_id, 0) + len(raws)
 
@@ -342,6 +376,11 @@ class StreamBuffer:
         return item
 
     def slice(self, from_seq: int, limit: int) -> list[bytes]:
-        """Up to ``limit`` buffered events starting at ``from_seq`` (checked available)."""
+        """Up to ``limit`` events starting at ``from_seq`` (checked available): buffered,
+        then parked and published (``publish_parked``)."""
         start = max(from_seq - self.base_seq, 0)
-        return list(islice(self.events, start, start + limit))
+        out = list(islice(self.events, start, start + limit))
+        if len(out) < limit and self.publish_parked and self.parked:
+            start = max(start - len(self.events), 0)
+            out.extend(raw for _, _, raw in islice(self.parked, start, start + limit - len(out)))
+        return out

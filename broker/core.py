@@ -85,10 +85,15 @@ class BrokerCore:
             "publish": eps.get("publish", config.publish),
         }
         self.budget = Budget(config.max_buffered_bytes)
+        self.durable = config.data_dir is not None  # (see _unstored below)
         self.streams: StreamManager[StreamBuffer] = StreamManager(
             config.buffer_size,
             config.policy,
-            factory=lambda sid, size, policy: StreamBuffer(sid, size, policy, clock, self.budget),
+            # Parked events are published as they park, except with a durable store
+            # (nothing is published before it is on disk, and parked events are not).
+            factory=lambda sid, size, policy: StreamBuffer(
+                sid, size, policy, clock, self.budget, publish_parked=not self.durable
+            ),
             clock=clock,
         )
         # BLOCK streams holding events because the memory cap was reached.
@@ -97,7 +102,6 @@ class BrokerCore:
         self._limit_hits: dict[str, int] = {}  # limit name -> times it refused or held
         # Durability (with a data directory): what changed since the last commit.
         # Until it is committed, flush() holds everything back (acks and publishes).
-        self.durable = config.data_dir is not None
         self._unstored: dict[str, StreamBuffer] = {}
         self._unstored_removed: list[str] = []
         self._unstored_producers: dict[str, set[bytes]] = {}  # stream -> records to write
@@ -592,7 +596,7 @@ class BrokerCore:
             items = stream.unpark_batch(n)
             if not items:
                 break
-            stream.admit_batch([raw for _, _, raw in items])
+            stream.admit_batch([raw for _, _, raw in items], published=stream.publish_parked)
             for client, pseq, _ in items:
                 latest[client] = pseq  # pseqs rise per client: the last one answers all
         if not latest:
@@ -797,6 +801,11 @@ class BrokerCore:
         self._dirty.pop(stream.stream_id, None)
         sid = stream.stream_id
         held = set(stream.parked_by)  # their answered pseqs move on: store them
+        if stream.publish_parked:
+            # Subscribers have them: they are the stream's last events, and acked.
+            latest = {client: pseq for client, pseq, _ in stream.admit_parked_closing()}
+            for client, pseq in latest.items():
+                self._ack(client, sid, pseq, self.config.window)
         while stream.parked:  # never admitted: their producers learn it was closed
             client, pseq, _ = stream.unpark()
             stream.rejected += 1

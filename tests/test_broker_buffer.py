@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -311,3 +313,35 @@ def test_lagging() -> None:
     assert not b.lagging(A)
     b.close()
     assert b.lagging(A)  # closed: the head (and end) is still worth reporting
+
+
+# -- publish_parked ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("publish_parked", [False, True])
+def test_parked_events_numbered_and_published_as_they_park(publish_parked: bool) -> None:
+    # Parked events are admitted in order, so their seqs are known when they park:
+    # with publish_parked they are published then (and served to fetches and
+    # counted in last_seq), and not again when admitted.
+    b = StreamBuffer("s", 2, BackpressurePolicy.BLOCK, publish_parked=publish_parked)
+    b.add_cursor(A, 1)
+    fill(b, 2)
+    b.park(B, 1, b"e3")
+    b.park_batch(B, 2, [b"e4", b"e5"])
+    first, batch = b.take_unpublished()
+    assert (first, batch) == (
+        (1, [b"e1", b"e2", b"e3", b"e4", b"e5"]) if publish_parked else (1, [b"e1", b"e2"])
+    )
+    assert b.last_seq == (5 if publish_parked else 2)
+    assert b.slice(2, 10) == ([b"e2", b"e3", b"e4", b"e5"] if publish_parked else [b"e2"])
+    assert b.slice(4, 1) == ([b"e4"] if publish_parked else [])
+    b.ack(A, 4)  # clamped to last_seq
+    assert b.cursors[A] == (4 if publish_parked else 2)
+    assert b.lagging(A) is publish_parked  # (4 of 5, or all of 2)
+    items = b.unpark_batch(b.room())
+    assert b.admit_batch([raw for _, _, raw in items], published=publish_parked) == 2
+    assert b.take_unpublished()[1] == ([] if publish_parked else [b"e3", b"e4"])
+    assert b.last_seq == (5 if publish_parked else 4)
+    b.close()
+    assert [p for _, p, _ in b.admit_parked_closing()] == [3]
+    assert (held(b), b.last_seq, b.parked) == ([3, 4, 5], 5, deque())

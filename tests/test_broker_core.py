@@ -475,25 +475,25 @@ def test_truncated_tail_is_one_nacked_pseq(b: Broker) -> None:
 # -- BLOCK -------------------------------------------------------------------------------------
 
 
-def test_block_parks_when_full_and_admits_after_subscriber_acks(clock: FakeClock) -> None:
+def test_block_parks_when_full_publishes_at_once_and_admits_after_acks(clock: FakeClock) -> None:
     b = Broker(clock, buffer_size=2)
     b.subscribed(S, "s")
     b.ingest("s", 1, [ev(1), ev(2), ev(3), ev(4)])
     pub, ctl = b.flush()
-    assert acks_of(ctl) == [["s", 2]]  # 3 and 4 are parked: unanswered
-    assert published(pub) == [("s", "E", 1, ["t1", "t2"])]
+    assert acks_of(ctl) == [["s", 2]]  # 3 and 4 are parked: unanswered...
+    assert published(pub) == [("s", "E", 1, ["t1", "t2", "t3", "t4"])]  # ...but published
     info = b.info("s")
-    assert (info.current_load, info.parked) == (2, 2)
+    assert (info.current_load, info.parked, info.last_seq) == (2, 2, 4)
     assert b.stats().parked == 2
 
     b.ack(S, "s", 1)
     pub, ctl = b.flush()
-    assert acks_of(ctl) == [["s", 3]]
-    assert published(pub) == [("s", "E", 3, ["t3"])]
-    b.ack(S, "s", 3)
+    assert acks_of(ctl) == [["s", 3]]  # admitted, so answered
+    assert published(pub) == []
+    b.ack(S, "s", 4)  # (a subscriber may ack what is still parked: it has it)
     pub, ctl = b.flush()
     assert acks_of(ctl) == [["s", 4]]
-    assert published(pub) == [("s", "E", 4, ["t4"])]
+    assert published(pub) == []
     info = b.info("s")
     assert (info.first_seq, info.last_seq, info.parked) == (3, 4, 0)
 
@@ -502,12 +502,16 @@ def test_block_with_no_subscriber_ever_keeps_the_first_events(clock: FakeClock) 
     b = Broker(clock, buffer_size=2)
     b.ingest("s", 1, [ev(1), ev(2), ev(3)])
     assert acks_of(b.flush()[1]) == [["s", 2]]
-    reply = b.subscribed(S, "s")  # the first subscriber gets the first events
-    assert (reply["first_seq"], texts(reply["events"])) == (1, ["t1", "t2"])
+    reply = b.subscribed(S, "s")  # the first subscriber gets the first events (and 3, parked)
+    assert (reply["first_seq"], texts(reply["events"]), reply["last_seq"]) == (
+        1,
+        ["t1", "t2", "t3"],
+        3,
+    )
     b.ack(S, "s", 2)
     pub, ctl = b.flush()
     assert acks_of(ctl) == [["s", 3]]
-    assert published(pub) == [("s", "E", 3, ["t3"])]
+    assert published(pub) == []
 
 
 def test_parked_events_hold_back_later_events_of_every_producer(clock: FakeClock) -> None:
@@ -516,7 +520,8 @@ def test_parked_events_hold_back_later_events_of_every_producer(clock: FakeClock
     b.ingest("s", 1, [ev(1), ev(2)])  # 2 parked
     b.ingest("s", 1, [ev(10)], client=Q)  # parked behind P's 2
     b.ingest("s", 3, [ev(3)])  # parked; must not be acked past 2
-    _, ctl = b.flush()
+    pub, ctl = b.flush()
+    assert published(pub) == [("s", "E", 1, ["t1", "t2", "t10", "t3"])]  # in the order admitted
     assert acks_of(ctl, P) == [["s", 1]]
     assert acks_of(ctl, Q) == []
     rounds = []
@@ -525,9 +530,9 @@ def test_parked_events_hold_back_later_events_of_every_producer(clock: FakeClock
         pub, ctl = b.flush()
         rounds.append((published(pub), acks_of(ctl, P), acks_of(ctl, Q)))
     assert rounds == [  # admitted in arrival order across producers: P2, Q1, P3
-        ([("s", "E", 2, ["t2"])], [["s", 2]], []),
-        ([("s", "E", 3, ["t10"])], [], [["s", 1]]),
-        ([("s", "E", 4, ["t3"])], [["s", 3]], []),
+        ([], [["s", 2]], []),
+        ([], [], [["s", 1]]),
+        ([], [["s", 3]], []),
     ]
 
 
@@ -572,7 +577,9 @@ def test_frames_behind_parked_events_park_whole_or_to_the_limit(
     b.subscribed(S, "s")
     b.ingest("s", 1, [ev(1), ev(2), ev(3)])  # 3 parked
     b.ingest("s", 4, [ev(i) for i in range(4, 9)])  # 4..8 behind it
-    _, ctl = b.flush()
+    pub, ctl = b.flush()
+    kept = 8 if limit == "none" else 6
+    assert published(pub) == [("s", "E", 1, [f"t{i}" for i in range(1, kept + 1)])]
     assert acks_of(ctl) == [["s", 2]]
     refused = [m[2:4] for m in of_kind(ctl, "nack")]
     assert refused == ([] if limit == "none" else [[7, 8]])
@@ -581,7 +588,7 @@ def test_frames_behind_parked_events_park_whole_or_to_the_limit(
     assert b.stats().limits.get(limit) == (None if limit == "none" else 2)
     b.ack(S, "s", 2)  # room for two: 3 and 4 go in, acked through 4
     pub, ctl = b.flush()
-    assert published(pub) == [("s", "E", 3, ["t3", "t4"])]
+    assert published(pub) == []
     assert acks_of(ctl) == [["s", 4]]
 
 
@@ -589,10 +596,10 @@ def test_unsubscribe_reply_round_carries_the_admission(clock: FakeClock) -> None
     b = Broker(clock, buffer_size=1)
     b.subscribed(S, "s")
     b.ingest("s", 1, [ev(1), ev(2)])
-    b.flush()
+    assert published(b.flush()[0]) == [("s", "E", 1, ["t1", "t2"])]
     b.request(S, "unsubscribe", {"stream": "s"})
     pub, ctl = b.flush()
-    assert published(pub) == [("s", "E", 2, ["t2"])]
+    assert published(pub) == []
     assert acks_of(ctl) == [["s", 2]]
     info = b.info("s")
     assert (info.subscribers, info.parked, info.last_seq) == (0, 0, 2)
@@ -874,17 +881,24 @@ def test_close_publishes_pending_then_end_and_tells_producers(b: Broker) -> None
     assert notes == [StreamClosed("s", 4)]
 
 
-def test_close_nacks_parked_and_later_ingest(clock: FakeClock) -> None:
+def test_close_admits_parked_and_nacks_later_ingest(clock: FakeClock) -> None:
+    # Parked events were published as they parked: at close they are the stream's
+    # last events (past the buffer), acked, and the end comes after them.
     b = Broker(clock, buffer_size=1)
     b.ok(A, "create", {"stream": "s"})
     b.subscribed(S, "s")
     b.ingest("s", 1, [ev(1), ev(2), ev(3)])
-    b.flush()
+    assert published(b.flush()[0]) == [("s", "E", 1, ["t1", "t2", "t3"])]
     b.request(A, "close", {"stream": "s"})
-    _, ctl = b.flush()
-    nacks = of_kind(ctl, "nack")
-    assert [n[2:5] for n in nacks] == [[2, 2, "STREAM_CLOSED"], [3, 3, "STREAM_CLOSED"]]
-    assert b.info("s").rejected == 2
+    pub, ctl = b.flush()
+    assert published(pub) == [("s", "X", 3, [])]
+    assert of_kind(ctl, "nack") == []
+    assert acks_of(ctl) == [["s", 3]]
+    info = b.info("s")
+    assert (info.first_seq, info.last_seq, info.current_load, info.parked) == (1, 3, 3, 0)
+    assert info.rejected == 0
+    reply = b.subscribed(T, "s")  # all three still there for a late reader
+    assert texts(reply["events"]) == ["t1", "t2", "t3"]
     b.ingest("s", 4, [ev(4), ev(5)])
     _, ctl = b.flush()
     assert [n[1:5] for n in of_kind(ctl, "nack")] == [["s", 4, 5, "STREAM_CLOSED"]]
@@ -1048,7 +1062,7 @@ def test_subscriber_timeout_removes_cursor_and_unblocks_parked(clock: FakeClock)
     b.subscribed(S, "s")
     b.subscribed(T, "s")
     b.ingest("s", 1, [ev(1), ev(2)])
-    b.flush()
+    assert published(b.flush()[0]) == [("s", "E", 1, ["t1", "t2"])]  # 2 parked, published
     assert b.info("s").parked == 1
     clock.advance(3)
     b.ack(T, "s", 1)  # T is alive and has read everything; S went silent at START
@@ -1058,7 +1072,7 @@ def test_subscriber_timeout_removes_cursor_and_unblocks_parked(clock: FakeClock)
     b.core.on_tick()
     pub, ctl = b.flush()
     assert acks_of(ctl) == [["s", 2]]
-    assert published(pub) == [("s", "E", 2, ["t2"])]
+    assert published(pub) == []
     info = b.info("s")
     assert (info.subscribers, info.parked) == (1, 0)
     b.send(S, "hb", {})
@@ -1072,13 +1086,13 @@ def test_last_subscriber_timing_out_admits_more_parked_than_the_buffer_holds(
     b.ok(A, "create", {"stream": "s"})
     b.subscribed(S, "s")
     b.ingest("s", 1, [ev(i) for i in range(1, 8)])  # 2 admitted, 5 parked
-    b.flush()
+    assert [seqs for *_, seqs in published(b.flush()[0])] == [[f"t{i}" for i in range(1, 8)]]
     assert b.info("s").parked == 5
     clock.advance(6)
     b.core.on_tick()  # S is gone: nobody gates, so every parked event goes in
     pub, ctl = b.flush()
     assert acks_of(ctl) == [["s", 7]]
-    assert [seqs for *_, seqs in published(pub)] == [[f"t{i}" for i in range(3, 8)]]
+    assert published(pub) == []
     info = b.info("s")
     assert (info.subscribers, info.parked, info.last_seq, info.first_seq) == (0, 0, 7, 6)
 
@@ -1099,7 +1113,7 @@ def test_subscriber_timeout_only_after_silence(clock: FakeClock) -> None:
     b.core.on_tick()
     pub, ctl = b.flush()
     assert acks_of(ctl) == [["s", 2]]
-    assert published(pub) == [("s", "E", 2, ["t2"])]
+    assert published(pub) == []  # (at once, when it parked)
     info = b.info("s")
     assert (info.subscribers, info.parked) == (0, 0)
     stats = b.stats()
@@ -1117,10 +1131,10 @@ def test_timed_out_subscriber_gates_again_from_its_next_ack(clock: FakeClock) ->
     b.ack(S, "s", 1)  # it was only slow: back, from what it acknowledged
     b.ingest("s", 2, [ev(2), ev(3), ev(4)])
     _, ctl = b.flush()
-    assert acks_of(ctl) == [["s", 3]]  # 4 waits for S again
+    assert acks_of(ctl) == [["s", 3]]  # 4 waits for S again (parked, and published)
     assert b.info("s").subscribers == 1
     b.send(S, "hb", {})
-    assert of_kind(b.flush()[1], "hb", S) == [["hb", b.core.broker_id, [["s", 3, False]]]]
+    assert of_kind(b.flush()[1], "hb", S) == [["hb", b.core.broker_id, [["s", 4, False]]]]
 
 
 def test_timed_out_subscriber_whose_position_left_is_not_restored(clock: FakeClock) -> None:
@@ -1260,14 +1274,14 @@ def test_stats_counters(clock: FakeClock) -> None:
     b.subscribed(S, "b")
     b.ingest("b", 1, [ev(1), ev(2), ev(3)])  # 2 in, 1 parked
     b.flush()
-    b.ok(T, "fetch", {"stream": "b", "from_seq": 1})  # 2 out by replay
+    b.ok(T, "fetch", {"stream": "b", "from_seq": 1})  # 3 out by replay (the parked one too)
     b.ok(A, "close", {"stream": "d"})
     stats = b.stats()
     assert stats.streams == 2 and stats.open_streams == 1
     assert stats.subscribers == 1
     assert stats.clients == 3  # A, S, T
     assert stats.events_in == 3
-    assert stats.events_out == 3 + 2  # published 1 + 2, fetched 2
+    assert stats.events_out == 4 + 3  # published 1 + 3 (parked ones at once), fetched 3
     assert (stats.dropped, stats.rejected, stats.parked) == (1, 1, 1)
     assert stats.bad_input == {"event": 1}
 
@@ -1582,7 +1596,8 @@ def test_random_traffic_keeps_seqs_dense_and_answers_every_event(data: st.DataOb
                 b.core.on_ingest(frame)
         pump()
         for _, stream in b.core.streams:
-            assert len(stream) <= stream.buffer_size
+            # (Events parked at close are admitted past the buffer: subscribers had them.)
+            assert len(stream) <= stream.buffer_size + (3 if stream.closed else 0)
             assert len(stream.parked) <= 3
     b.core.shutdown()
     pump()

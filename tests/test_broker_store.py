@@ -502,6 +502,29 @@ def test_durable_core_holds_control_replies_too(clock: FakeClock, tmp_path: Path
     assert [(m[:2], m[2]["created"]) for c, m in ctl if c == A] == [(["ok", rid], True)]
 
 
+def test_durable_parked_events_are_published_only_once_admitted_and_stored(
+    clock: FakeClock, tmp_path: Path
+) -> None:
+    # Without a store a parked event is published as it parks (its seq is known);
+    # with one, nothing is published before it is on disk, and parked events are
+    # not: they wait to be admitted, and a close refuses them.
+    b = Durable(clock, tmp_path, buffer_size=2)
+    b.subscribed(S, "s")
+    b.ingest("s", 1, [ev(i) for i in range(1, 5)])  # 3 and 4 park
+    pub, ctl = b.flush()
+    assert published(pub) == [("s", "E", 1, ["t1", "t2"])]
+    info = b.info("s")
+    assert (info.last_seq, info.parked) == (2, 2)
+    assert texts(b.ok(T, "fetch", {"stream": "s", "from_seq": 1})["events"]) == ["t1", "t2"]
+    b.ack(S, "s", 1)
+    pub, ctl = b.flush()
+    assert published(pub) == [("s", "E", 3, ["t3"])] and acks_of(ctl) == [["s", 3]]
+    b.request(A, "close", {"stream": "s"})
+    pub, ctl = b.flush()
+    assert published(pub) == [("s", "X", 3, [])]
+    assert [m[2:5] for m in of_kind(ctl, "nack")] == [[4, 4, "STREAM_CLOSED"]]
+
+
 def test_take_writes_has_new_events_answered_pseqs_and_cursors(
     clock: FakeClock, tmp_path: Path
 ) -> None:
