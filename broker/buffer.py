@@ -75,6 +75,7 @@ class StreamBuffer:
         "events",
         "events_in",
         "ever_subscribed",
+        "held_over",
         "last_activity",
         "nbytes",
         "next_seq",
@@ -123,6 +124,7 @@ class StreamBuffer:
         self.unpublished: list[bytes] = []  # admitted since the last publish
         self.unpublished_seq = 0  # seq of unpublished[0]
         self.stored_seq = 0  # last seq a durable store has (0: none, or no store)
+        self.held_over = 0  # the last events, admitted at close: not in nbytes
         self.events_in = 0
         self.dropped = 0
         self.rejected = 0
@@ -217,16 +219,15 @@ class StreamBuffer:
         return n
 
     def admit_parked_closing(self) -> list[tuple[bytes, int, bytes]]:
-        """The stream is closing: admit every parked event, past ``buffer_size`` (with
-        ``publish_parked``: subscribers have seen them).  Returns what was parked."""
+        """The stream is closing: admit every parked event (published already, so
+        they are part of the stream), past ``buffer_size`` and, as while they were
+        parked, not charged to the budget (``held_over``).  Returns what was parked."""
+        assert self.publish_parked  # otherwise they were never published: refuse them
         items = self.unpark_batch(len(self.parked))
-        raws = [raw for _, _, raw in items]
-        delta = sum(map(len, raws))
-        self.events.extend(raws)
-        self.nbytes += delta
-        self.budget.used += delta
-        self.next_seq += len(raws)
-        self.events_in += len(raws)
+        self.events.extend(raw for _, _, raw in items)
+        self.held_over += len(items)
+        self.next_seq += len(items)
+        self.events_in += len(items)
         return items
 
     def trim(self) -> int:
@@ -235,7 +236,11 @@ class StreamBuffer:
         events = self.events
         freed = 0
         while events and self._oldest_may_leave():
-            freed += len(events.popleft())
+            if len(events) <= self.held_over:  # admitted at close, never charged
+                events.popleft()
+                self.held_over -= 1
+            else:
+                freed += len(events.popleft())
             self.base_seq += 1
         self.nbytes -= freed
         self.budget.used -= freed

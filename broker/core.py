@@ -596,7 +596,11 @@ class BrokerCore:
             items = stream.unpark_batch(n)
             if not items:
                 break
-            stream.admit_batch([raw for _, _, raw in items], published=stream.publish_parked)
+            raws = [raw for _, _, raw in items]
+            admitted = stream.admit_batch(raws, published=stream.publish_parked)
+            # room() counts exactly what admit_batch takes: nothing unparked is left
+            # over (it would lose events whose seqs subscribers may have seen).
+            assert admitted == len(items)
             for client, pseq, _ in items:
                 latest[client] = pseq  # pseqs rise per client: the last one answers all
         if not latest:
@@ -802,10 +806,13 @@ class BrokerCore:
         sid = stream.stream_id
         held = set(stream.parked_by)  # their answered pseqs move on: store them
         if stream.publish_parked:
-            # Subscribers have them: they are the stream's last events, and acked.
+            # Published already: they are the stream's last events, and acked
+            # before the closed notice says where the stream ended.
             latest = {client: pseq for client, pseq, _ in stream.admit_parked_closing()}
             for client, pseq in latest.items():
                 self._ack(client, sid, pseq, self.config.window)
+            if latest:
+                self._flush_acks()
         while stream.parked:  # never admitted: their producers learn it was closed
             client, pseq, _ = stream.unpark()
             stream.rejected += 1

@@ -4,7 +4,20 @@ the per-limit counters in stats (the other limits are in test_broker_core)."""
 from __future__ import annotations
 
 import pytest
-from test_broker_core import A, Broker, FakeClock, P, S, T, acks_of, ev, of_kind, published
+from test_broker_core import (
+    A,
+    Broker,
+    FakeClock,
+    P,
+    Q,
+    S,
+    T,
+    acks_of,
+    ev,
+    of_kind,
+    published,
+    texts,
+)
 from test_broker_core import clock as _clock
 
 
@@ -126,3 +139,25 @@ def test_stats_count_every_limit_by_name(clock: FakeClock) -> None:
     limits = {"max_streams": 1, "max_message_size": 1, "window": 2, "buffer_size": 3}
     assert b.stats().limits == limits  # buffer_size: 40, 41, 42 found the stream full
     assert P and A  # the helpers' clients
+
+
+def test_events_admitted_at_close_stay_outside_the_memory_cap(clock: FakeClock) -> None:
+    # Parked events are outside the cap; admitted at close (they were published
+    # already) they stay outside it, so a close cannot push other streams over it.
+    size = len(ev(1))
+    b = Broker(clock, buffer_size=2, max_buffered_bytes=3 * size)
+    b.ingest("a", 1, [ev(i) for i in range(1, 6)])  # 2 buffered, 3 parked, no subscriber
+    b.flush()
+    b.ok(A, "close", {"stream": "a"})
+    assert b.stats().buffered_bytes == 2 * size
+    b.ok(A, "create", {"stream": "d", "policy": "drop"})
+    b.ingest("d", 1, [ev(9)], client=Q)
+    _, ctl = b.flush()
+    assert of_kind(ctl, "dropped", Q) == [] and acks_of(ctl, Q) == [["d", 1]]
+    assert b.stats().buffered_bytes == 3 * size
+    reply = b.subscribed(S, "a")  # all five readable, then trimmed like any history
+    assert texts(reply["events"]) == [f"t{i}" for i in range(1, 6)]
+    b.ack(S, "a", 5)
+    b.core.streams.find("a").trim()  # type: ignore[union-attr]
+    assert b.stats().buffered_bytes == 1 * size
+    assert b.core.streams.find("a").held_over == 0  # type: ignore[union-attr]
