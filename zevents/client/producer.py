@@ -30,7 +30,7 @@ from ..keys import ClientKeys
 from ..protocol.producer import ProducerState, StreamClosed
 from ..protocol.session import Reply
 from ._base import DEFAULT_TIMEOUT, _ClientBase
-from ._io import AsyncIO, SyncIO
+from ._io import _EVENTS, _POLLIN, AsyncIO, SyncIO
 
 __all__ = ["AsyncProducer", "Producer", "StreamClosed"]
 
@@ -39,8 +39,6 @@ _SYNC = ("sync",)
 _RESYNC = 3  # heartbeats between two syncs while waiting for answers
 
 # Plain ints: zmq's IntFlag members make every `&` a Python-level call.
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 _LOOK_EVERY = 0.0005  # seconds: how often send looks for the broker's answers
 
 
@@ -206,7 +204,7 @@ class Producer(_ProducerLogic, SyncIO):
             # sending one event at a time would pay it per event.
             self._look_after = now + _LOOK_EVERY
             with self._io_lock:  # the keepalive thread shares the control socket
-                waiting = int(self._ctl.getsockopt(_EVENTS)) & _POLLIN
+                waiting = self._ctl.getsockopt(_EVENTS) & _POLLIN  # type: ignore[operator]
             if waiting:  # cheaper than a poll per send
                 self._pump(0)
         state.check(stream_id)
