@@ -325,18 +325,11 @@ class StreamBuffer:
 
     def park(self, client_id: bytes, pseq: int, raw: bytes) -> None:
         """Hold a BLOCK event until there is room."""
-        if self.parked is _NO_PARKED:
-            self.parked = deque()
-            self.parked_by = {}
-        if self.publish_parked:
-            if not self.unpublished:
-                self.unpublished_seq = self.next_seq + len(self.parked)
-            self.unpublished.append(raw)
-        self.parked.append((client_id, pseq, raw))
-        self.parked_by[client_id] = self.parked_by.get(client_id, 0) + 1
+        self.park_batch(client_id, pseq, [raw])
 
     def park_batch(self, client_id: bytes, first_pseq: int, raws: list[bytes]) -> None:
-        """:meth:`park` each of ``raws``, numbered from ``first_pseq``."""
+        """Hold BLOCK events until there is room: ``raws``, numbered from ``first_pseq``
+        (published now, with ``publish_parked``: their seqs are known)."""
         if self.parked is _NO_PARKED:
             self.parked = deque()
             self.parked_by = {}
