@@ -324,10 +324,15 @@ def test_late_join_gets_buffered_then_live_without_gap_or_overlap(broker, stream
     n = 3000
     with Admin(broker.control, timeout=T) as admin:
         admin.create_stream(stream_id, buffer_size=n)
+        joined = threading.Event()
 
         def produce() -> None:
             with Producer(broker.control, timeout=T) as p:
                 for i in range(n):
+                    if i == n * 3 // 4:
+                        # Sends on while the subscriber joins, but never finishes
+                        # first (the join must be mid-stream to mean anything).
+                        assert joined.wait(T), "the subscriber never joined"
                     p.send(stream_id, Event.text_delta(str(i)), timeout=T)
                 p.flush(timeout=T)
 
@@ -337,6 +342,7 @@ def test_late_join_gets_buffered_then_live_without_gap_or_overlap(broker, stream
         with Subscriber(broker.control, timeout=T) as sub:
             following = sub.subscribe(stream_id)  # from the oldest still buffered
             head = admin.stream_info(stream_id).last_seq
+            joined.set()
             got = take(following, n)
             producer.result()
             admin.close_stream(stream_id)
