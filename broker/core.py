@@ -456,13 +456,18 @@ class BrokerCore:
             return True
         if room:
             stream.park_batch(client, pseq, raws[start : start + room])
-        refused = n - room
-        stream.rejected += refused
-        self._rejected += refused
-        self._hit(over, refused)
-        sid = stream.stream_id
-        self._nack(client, sid, pseq + room, pseq + n - 1, _parked_full(stream, self.config.window))
+        self._refuse_parking(stream, client, pseq + room, pseq + n - 1, over)
         return True
+
+    def _refuse_parking(
+        self, stream: StreamBuffer, client: bytes, first: int, last: int, over: str
+    ) -> None:
+        """Nack ``first..last``: parking them would pass the limit ``over``."""
+        n = last - first + 1
+        stream.rejected += n
+        self._rejected += n
+        self._hit(over, n)
+        self._nack(client, stream.stream_id, first, last, _parked_full(stream, self.config.window))
 
     def _park_room(self, stream: StreamBuffer, client: bytes) -> tuple[int, str]:
         """How many more of ``client``'s events may park on ``stream``, and the limit
@@ -516,11 +521,8 @@ class BrokerCore:
             return through if client in stream.parked_by else pseq
         room, over = self._park_room(stream, client)
         if not room:
-            # Only a producer ignoring its window gets here: the SDK never does.
-            stream.rejected += 1
-            self._rejected += 1
-            self._hit(over)
-            self._nack(client, sid, pseq, pseq, _parked_full(stream, self.config.window))
+            # (The SDK keeps its window: only max_parked, shared, refuses it.)
+            self._refuse_parking(stream, client, pseq, pseq, over)
             return through
         stream.park(client, pseq, raw)
         if memory:

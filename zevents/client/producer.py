@@ -38,7 +38,6 @@ ClosedCallback = Callable[[StreamClosed], None]
 _SYNC = ("sync",)
 _RESYNC = 3  # heartbeats between two syncs while waiting for answers
 
-# Plain ints: zmq's IntFlag members make every `&` a Python-level call.
 _LOOK_EVERY = 0.0005  # seconds: how often send looks for the broker's answers
 
 
@@ -284,7 +283,6 @@ class AsyncProducer(_ProducerLogic, AsyncIO):
         self._data_socks.append(self._push)
         self._push.connect(self.handshake.ingest)
         self._init_producer()
-        self._look_after = 0.0  # when send next looks at the control socket
 
     def _push_frame(self, frame: bytes) -> None:
         assert self._push is not None

@@ -46,6 +46,15 @@ class _Outbound:
     error: ZEventsError | None = None  # raised by the next send or flush
 
 
+def _report(out: _Outbound, error: ZEventsError) -> None:
+    """The broker answered events of ``out`` with ``error``: closed is for good, any
+    other error is raised once by the next send or flush."""
+    if isinstance(error, StreamClosedError):
+        out.closed = True
+    else:
+        out.error = error
+
+
 class ProducerState:
     """Per-stream pseq counters, windows, unanswered events and pending errors."""
 
@@ -200,10 +209,7 @@ class ProducerState:
             return
         self._unanswered -= len(out.unacked)
         out.unacked.clear()
-        if isinstance(error, StreamClosedError):
-            out.closed = True
-        else:
-            out.error = error
+        _report(out, error)
 
     def on_resend(self, stream_id: str, expected: int) -> int | None:
         """The broker got a frame of ``stream_id`` past a gap: it has our events up
@@ -257,11 +263,7 @@ class ProducerState:
         before = len(out.unacked)
         out.unacked = deque((p, raw) for p, raw in out.unacked if not first <= p <= last)
         self._unanswered -= before - len(out.unacked)
-        err = error_from_wire(code, text, fields if isinstance(fields, dict) else {})
-        if isinstance(err, StreamClosedError):
-            out.closed = True
-        else:
-            out.error = err
+        _report(out, error_from_wire(code, text, fields if isinstance(fields, dict) else {}))
 
     def _on_closed(self, sid: str, last_seq: int) -> list[StreamClosed]:
         out = self._get(sid)
