@@ -26,7 +26,7 @@ class BrokerConfig:
     subscriber_timeout: float = 5.0  #: a silent client stops gating buffers after this
     heartbeat_interval: float = 1.0  #: what clients are told to heartbeat at
     require_create: bool = False  #: refuse events for streams nobody created
-    window: int = 1024  #: unacknowledged events a producer may have per stream
+    window: int = 4096  #: unacknowledged events a producer may have per stream
     max_parked: int = 65536  #: BLOCK events waiting for room, per stream (memory guard)
     max_message_size: int = 1 << 20  #: largest message accepted, bytes
     max_event_size: int = 1 << 20  #: largest single event accepted, bytes (as encoded)

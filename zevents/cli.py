@@ -218,7 +218,7 @@ def cli() -> None:
 @click.option(
     "--window",
     type=click.IntRange(min=1),
-    default=1024,
+    default=4096,
     show_default=True,
     help="Unacknowledged events a producer may have in flight per stream.",
 )

@@ -360,7 +360,7 @@ def test_hello_handshake_returns_endpoints_and_limits(broker, net):
     )
     limits = result["limits"]
     assert limits == {
-        "window": 1024,
+        "window": 4096,
         "max_message_size": 1048576,
         "max_event_size": 1048576,
         "max_batch": 1024,

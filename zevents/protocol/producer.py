@@ -61,7 +61,7 @@ class ProducerState:
     def __init__(
         self,
         client_id: bytes,
-        window: int = 1024,
+        window: int = 4096,
         max_batch: int = 1024,
         max_message_size: int = 1 << 20,
     ) -> None:
