@@ -64,4 +64,7 @@ class BrokerConfig:
             "idle_timeout": self.idle_timeout,
             # Memory only, a restarted broker has lost its streams (clients must not resume).
             "durable": self.data_dir is not None,
+            # Memory only, BLOCK events are published as they park (protocol.md
+            # section 12): a subscriber may read a window past the buffer.
+            "publishes_parked": self.data_dir is None,
         }

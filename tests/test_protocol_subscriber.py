@@ -22,7 +22,13 @@ from zevents.errors import (
 )
 from zevents.events import Event, EventType
 from zevents.protocol import frames
-from zevents.protocol.subscriber import GAP_GRACE, Fetch, SubscriberState
+from zevents.protocol.subscriber import (
+    ACK_STEP_PARKED,
+    GAP_GRACE,
+    Fetch,
+    SubscriberState,
+    ack_step,
+)
 
 TS = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=timezone.utc)
 
@@ -494,6 +500,72 @@ def test_ack_at_half_buffer_even_within_interval() -> None:
     assert sub.acks(100.001, force=False) == []  # 9 since the last ack: below 20 // 2
     sub.next_event()
     assert sub.acks(100.002, force=False) == ["s", 11]  # 10 taken: half the buffer
+
+
+@pytest.mark.parametrize(
+    ("buffer_size", "parked_window", "step"),
+    [
+        (100, 0, 50),  # parked events not published: half the buffer
+        (1, 0, 0),  # every event
+        (100, 4096, ACK_STEP_PARKED),  # published: up to the cap
+        (100, 256, 178),  # no more than half of buffer + window
+        (100, 2, 51),
+        (5000, 4096, 2500),  # never less than half the buffer
+        (1, 4096, ACK_STEP_PARKED),
+    ],
+)
+def test_ack_step(buffer_size: int, parked_window: int, step: int) -> None:
+    assert ack_step(buffer_size, parked_window) == step
+
+
+def test_a_broker_publishing_parked_events_is_acked_less_often() -> None:
+    # A window past the buffer is readable before anything is acked, so the
+    # subscriber need not ack every half buffer (a message and a broker wake-up).
+    sub = SubscriberState(ack_interval=10.0, parked_window=4096)
+    sub.add("s")
+    sub.on_replay(replay(1, 1000, buffer_size=100), subscribed=True)
+    sub.next_event()
+    assert sub.acks(100.0, force=True) == ["s", 1]
+    for _ in range(ACK_STEP_PARKED - 1):
+        sub.next_event()
+    assert not sub.ack_due
+    assert sub.acks(100.001) == []  # 511 taken since the last ack: not yet
+    sub.next_event()
+    assert sub.ack_due
+    assert sub.acks(100.002) == ["s", ACK_STEP_PARKED + 1]
+    # The step is the cursor's, fixed by the subscribe reply: a later change of
+    # the broker (a reconnection) applies to the next subscribe.
+    sub.parked_window = 0
+    sub.add("t")
+    sub.on_replay(replay(1, 100, sid="t", buffer_size=100), subscribed=True)
+    assert (sub.cursors["s"].ack_step, sub.cursors["t"].ack_step) == (ACK_STEP_PARKED, 50)
+
+
+def test_half_a_buffer_is_acked_once_nothing_more_is_ready() -> None:
+    # With a larger ack step, what the subscriber can read may end before a
+    # step (a producer keeping fewer events in flight than its window, the end
+    # of a burst): once nothing more is ready it acks from half a buffer, so
+    # neither waits for the timer, and an application that stops taking leaves
+    # at most half a buffer unacknowledged, as before.
+    sub = SubscriberState(ack_interval=10.0, parked_window=4096)
+    for sid in ("s", "t"):
+        sub.add(sid)
+    sub.on_replay(replay(1, 60, buffer_size=100), subscribed=True)
+    sub.on_replay(replay(1, 30, sid="t", buffer_size=100), subscribed=True)
+    sub.next_event("s")
+    assert sub.acks(100.0, force=True) == ["s", 1]
+    for _ in range(58):
+        sub.next_event("s")  # 58 since the last ack, one still ready
+    assert not sub.ack_due
+    assert sub.acks(100.001) == []
+    sub.next_event("s")  # the last one ready: the application will wait now
+    assert sub.ack_due
+    assert sub.acks(100.002) == ["s", 60]
+    for _ in range(30):
+        sub.next_event("t")  # all of t, but less than half a buffer
+    assert not sub.ack_due
+    assert sub.acks(100.003) == []
+    assert sub.acks(111.0) == ["t", 30]  # the interval
 
 
 def test_within_an_interval_only_streams_half_a_buffer_ahead_are_acked() -> None:

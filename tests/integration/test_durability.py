@@ -131,3 +131,20 @@ def test_the_store_forgets_what_left_the_buffer_and_removed_streams(
 
     wait_until(gone, timeout=10)
     assert db_rows(tmp_path, "SELECT count(*) FROM producers")[0][0] == 0
+
+
+def test_a_durable_broker_does_not_publish_parked_events_so_subscribers_ack_each_half_buffer(
+    make_broker, stream_id, tmp_path
+):
+    # Nothing is published before it is stored, and parked events are not: a
+    # subscriber acking less often than half a buffer would stall its producers.
+    b = make_broker("--data-dir", str(tmp_path))
+    with Subscriber(b.control) as sub:
+        assert sub.handshake.limits["publishes_parked"] is False
+        following = sub.subscribe(stream_id, create=True)
+        assert sub._state.cursors[stream_id].ack_step == 50  # buffer 100
+        with Producer(b.control) as producer:
+            producer.send_many(stream_id, texts(1000))
+            got = [following.next_event(timeout=10) for _ in range(1000)]
+            producer.flush(timeout=10)
+    assert text_of(e for e in got if e is not None) == [str(i) for i in range(1000)]

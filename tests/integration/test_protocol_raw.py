@@ -373,6 +373,7 @@ def test_hello_handshake_returns_endpoints_and_limits(broker, net):
         "max_subscribers": 1024,
         "idle_timeout": 300.0,
         "durable": False,
+        "publishes_parked": True,
     }
     # A heartbeat is answered with the broker ID and no heads (no cursors).
     ctl.broker_id = result["broker_id"]

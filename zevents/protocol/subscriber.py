@@ -25,12 +25,43 @@ from ..errors import ZEventsError
 from ..events import Event
 from . import frames
 
-__all__ = ["Cursor", "Fetch", "SubscriberState"]
+__all__ = ["ACK_STEP_PARKED", "Cursor", "Fetch", "SubscriberState", "ack_step"]
 
 #: How long a broker-reported head may stay ahead of us before we fetch (seconds).
 GAP_GRACE = 0.5
 #: Live batches held while a gap is being filled, per stream.
 MAX_AHEAD = 256
+#: Events taken between two acks of a stream when the broker publishes parked
+#: events (see :func:`ack_step`): fewer acks, each a message and a broker wake-up.
+ACK_STEP_PARKED = 512
+
+
+def ack_step(buffer_size: int, parked_window: int = 0) -> int:
+    """How many events of a stream to take before acknowledging them at once.
+
+    Half the stream's buffer: an ack lets the broker admit what waits for
+    room, so a blocked producer never waits on the ack timer.  A broker that
+    publishes parked events (``parked_window``: its producers' window) lets
+    the subscriber read up to a window past the buffer before anything is
+    acknowledged, so it may ack less often, up to :data:`ACK_STEP_PARKED`,
+    and no more than half of buffer and window together (what one producer
+    can have published ahead of our last ack).
+
+    >>> ack_step(100), ack_step(100, 4096), ack_step(100, 256), ack_step(5000, 4096)
+    (50, 512, 178, 2500)
+    """
+    half = buffer_size >> 1
+    if parked_window <= 0:
+        return half
+    return max(half, min(ACK_STEP_PARKED, (buffer_size + parked_window) >> 1))
+
+
+def _due(cursor: Cursor, taken: int) -> bool:
+    """Whether ``taken`` events of ``cursor`` since its last ack are to be acked now:
+    an ack step of them, or half a buffer once nothing more is ready (the
+    application is about to wait, and a producer keeping fewer events in flight
+    than its window allows must not wait for the timer)."""
+    return taken >= cursor.ack_step or (taken >= cursor.buffer_size >> 1 and not cursor.ready)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +88,7 @@ class Cursor:
     acked: int = 0  # seq of the last ack sent
     error: ZEventsError | None = None
     buffer_size: int = 100
+    ack_step: int = 50  # events taken between acks (see ack_step())
     reported: tuple[int, float] | None = None  # (head from a heartbeat, when)
     failed: bool = False  # its error was raised: nothing more comes
     retired: bool = False  # reported by take_completed (the client unsubscribed)
@@ -79,17 +111,20 @@ class Cursor:
 class SubscriberState:
     """Cursors by stream ID, plus what to fetch and what to acknowledge."""
 
-    def __init__(self, ack_interval: float = 0.02) -> None:
+    def __init__(self, ack_interval: float = 0.02, parked_window: int = 0) -> None:
         self.cursors: dict[str, Cursor] = {}
         self.ack_interval = ack_interval
+        #: The producers' window if the broker publishes parked events, else 0
+        #: (from the handshake: ``publishes_parked`` and ``window``).
+        self.parked_window = parked_window
         self._last_ack = 0.0
         self._fetches: list[Fetch] = []
         self.order: deque[Cursor] = deque()  # cursors that may have ready events
         self._unacked: dict[str, Cursor] = {}  # cursors with taken > acked
-        self._half: dict[str, Cursor] = {}  # of those, the ones half a buffer ahead
+        self._half: dict[str, Cursor] = {}  # of those, the ones due (see _take)
         self._reported: dict[str, Cursor] = {}  # cursors with a heartbeat head pending
         self._ending: dict[str, Cursor] = {}  # cursors that learnt their end or an error
-        #: Half a buffer was taken somewhere since its last ack: acks() has work now.
+        #: An ack step was taken somewhere since its last ack: acks() has work now.
         self.ack_due = False
 
     # -- subscribing ------------------------------------------------------------------
@@ -130,6 +165,7 @@ class SubscriberState:
         if subscribed:
             cursor.active = True
             cursor.buffer_size = int(result.get("buffer_size", 100))
+            cursor.ack_step = ack_step(cursor.buffer_size, self.parked_window)
             if not cursor.taken and not cursor.ready and first > cursor.next_seq:
                 cursor.next_seq = first  # resumed at from_seq (or the oldest buffered)
             cursor.taken = max(cursor.taken, first - 1)
@@ -296,7 +332,7 @@ class SubscriberState:
             if cursor.taken <= acked:  # the first take since its last ack
                 self._unacked[cursor.stream_id] = cursor
             taken = cursor.taken = event.seq or cursor.taken
-            if taken - acked >= cursor.buffer_size >> 1:
+            if _due(cursor, taken - acked):
                 self._half[cursor.stream_id] = cursor
                 self.ack_due = True
             return event
@@ -330,16 +366,17 @@ class SubscriberState:
     def acks(self, now: float, force: bool = False) -> list[Any]:
         """``[stream, seq, ...]`` to acknowledge now, or ``[]``.
 
-        Acks go when half a buffer was taken since the last ack, and otherwise
-        at most every ``ack_interval``: what fills a buffer is acked at once (a
-        blocked producer never waits on a timer), what trickles is acked in
+        Acks go when a stream's ack step (:func:`ack_step`: half a buffer, or
+        more when the broker publishes parked events) was taken since its last
+        ack, and otherwise at most every ``ack_interval``: what fills a buffer
+        is acked at once (a blocked producer never waits on a timer), what trickles is acked in
         batches of one message per interval.  ``force`` acks everything now
         (closing).
         """
         due = force or now - self._last_ack >= self.ack_interval
         flat: list[Any] = []
         unacked = self._unacked
-        # Between intervals only the cursors half a buffer ahead can be due: a
+        # Between intervals only the cursors an ack step ahead can be due: a
         # subscriber following thousands of streams does not look at every one.
         candidates = list((unacked if due else self._half).items())
         self._half.clear()
@@ -349,7 +386,7 @@ class SubscriberState:
             taken = cursor.taken
             if taken <= cursor.acked:
                 del unacked[sid]
-            elif due or taken - cursor.acked >= cursor.buffer_size // 2:
+            elif due or _due(cursor, taken - cursor.acked):
                 flat.append(sid)
                 flat.append(taken)
                 cursor.acked = taken
