@@ -541,6 +541,27 @@ def test_a_broker_publishing_parked_events_is_acked_less_often() -> None:
     assert (sub.cursors["s"].ack_step, sub.cursors["t"].ack_step) == (ACK_STEP_PARKED, 50)
 
 
+def test_a_drop_stream_keeps_half_a_buffer_as_its_step() -> None:
+    # Nothing parks on a DROP stream, so nothing is published past its buffer.
+    sub = SubscriberState(parked_window=4096)
+    sub.add("d")
+    sub.on_replay({**replay(1, 3, sid="d"), "policy": "drop"}, subscribed=True)
+    sub.add("b")
+    sub.on_replay(replay(1, 3, sid="b"), subscribed=True)
+    assert (sub.cursors["d"].ack_step, sub.cursors["b"].ack_step) == (50, ACK_STEP_PARKED)
+
+
+def test_a_stream_found_due_is_acked_even_if_more_arrived_since() -> None:
+    sub = SubscriberState(ack_interval=10.0, parked_window=4096)
+    sub.add("s")
+    sub.on_replay(replay(1, 50, last=50, buffer_size=100), subscribed=True)
+    for _ in range(50):
+        sub.next_event()  # the last one ready: due
+    assert sub.ack_due
+    sub.on_publish(live(51, 10))  # more is ready before acks() runs
+    assert sub.acks(100.0) == ["s", 50]
+
+
 def test_half_a_buffer_is_acked_once_nothing_more_is_ready() -> None:
     # With a larger ack step, what the subscriber can read may end before a
     # step (a producer keeping fewer events in flight than its window, the end

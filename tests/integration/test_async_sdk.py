@@ -110,6 +110,22 @@ async def test_events_carry_seq_stream_and_payload(broker, stream_id):
     ]
 
 
+async def test_ack_steps_follow_the_broker_and_the_policy(broker, stream_id):
+    # A memory-only broker publishes parked events: BLOCK streams are acked every
+    # 512 events (default buffer and window), a DROP stream every half buffer.
+    drop = f"{stream_id}-drop"
+    async with (
+        AsyncAdmin(broker.control, timeout=T) as admin,
+        AsyncSubscriber(broker.control, timeout=T) as sub,
+    ):
+        await admin.create_stream(drop, buffer_size=20, policy="drop")
+        assert sub.handshake.limits["publishes_parked"] is True
+        await sub.subscribe(stream_id, create=True)
+        await sub.subscribe(drop)
+        steps = {sid: sub._state.cursors[sid].ack_step for sid in (stream_id, drop)}
+    assert steps == {stream_id: 512, drop: 10}
+
+
 # -- BLOCK and DROP ------------------------------------------------------------------------
 
 

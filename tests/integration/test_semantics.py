@@ -111,6 +111,19 @@ def busy_work(data: bytes, rounds: int = 2) -> bytes:
 # -- BLOCK: nothing lost, producers held back ---------------------------------------------
 
 
+def test_ack_steps_follow_the_broker_and_the_policy(broker, stream_id):
+    # A memory-only broker publishes parked events: BLOCK streams are acked every
+    # 512 events (default buffer and window), a DROP stream every half buffer.
+    drop = f"{stream_id}-drop"
+    with Admin(broker.control) as admin, Subscriber(broker.control) as sub:
+        admin.create_stream(drop, buffer_size=20, policy="drop")
+        assert sub.handshake.limits["publishes_parked"] is True
+        sub.subscribe(stream_id, create=True)
+        sub.subscribe(drop)
+        steps = {sid: sub._state.cursors[sid].ack_step for sid in (stream_id, drop)}
+    assert steps == {stream_id: 512, drop: 10}
+
+
 def test_slow_subscriber_block_small_buffer_10000_events_no_loss(broker, stream_id):
     n = 10_000
     size = 16

@@ -56,7 +56,7 @@ def ack_step(buffer_size: int, parked_window: int = 0) -> int:
     return max(half, min(ACK_STEP_PARKED, (buffer_size + parked_window) >> 1))
 
 
-def _due(cursor: Cursor, taken: int) -> bool:
+def _ack_now(cursor: Cursor, taken: int) -> bool:
     """Whether ``taken`` events of ``cursor`` since its last ack are to be acked now:
     an ack step of them, or half a buffer once nothing more is ready (the
     application is about to wait, and a producer keeping fewer events in flight
@@ -121,10 +121,10 @@ class SubscriberState:
         self._fetches: list[Fetch] = []
         self.order: deque[Cursor] = deque()  # cursors that may have ready events
         self._unacked: dict[str, Cursor] = {}  # cursors with taken > acked
-        self._half: dict[str, Cursor] = {}  # of those, the ones due (see _take)
+        self._due: dict[str, Cursor] = {}  # of those, the ones to ack now (see _take)
         self._reported: dict[str, Cursor] = {}  # cursors with a heartbeat head pending
         self._ending: dict[str, Cursor] = {}  # cursors that learnt their end or an error
-        #: An ack step was taken somewhere since its last ack: acks() has work now.
+        #: A stream is to be acked now (see :meth:`acks`): acks() has work.
         self.ack_due = False
 
     # -- subscribing ------------------------------------------------------------------
@@ -165,7 +165,9 @@ class SubscriberState:
         if subscribed:
             cursor.active = True
             cursor.buffer_size = int(result.get("buffer_size", 100))
-            cursor.ack_step = ack_step(cursor.buffer_size, self.parked_window)
+            # Only BLOCK streams park: a DROP stream never publishes past its buffer.
+            parked = self.parked_window if result.get("policy", "block") == "block" else 0
+            cursor.ack_step = ack_step(cursor.buffer_size, parked)
             if not cursor.taken and not cursor.ready and first > cursor.next_seq:
                 cursor.next_seq = first  # resumed at from_seq (or the oldest buffered)
             cursor.taken = max(cursor.taken, first - 1)
@@ -332,8 +334,8 @@ class SubscriberState:
             if cursor.taken <= acked:  # the first take since its last ack
                 self._unacked[cursor.stream_id] = cursor
             taken = cursor.taken = event.seq or cursor.taken
-            if _due(cursor, taken - acked):
-                self._half[cursor.stream_id] = cursor
+            if _ack_now(cursor, taken - acked):
+                self._due[cursor.stream_id] = cursor
                 self.ack_due = True
             return event
         if cursor.error is not None:
@@ -366,31 +368,31 @@ class SubscriberState:
     def acks(self, now: float, force: bool = False) -> list[Any]:
         """``[stream, seq, ...]`` to acknowledge now, or ``[]``.
 
-        Acks go when a stream's ack step (:func:`ack_step`: half a buffer, or
-        more when the broker publishes parked events) was taken since its last
-        ack, and otherwise at most every ``ack_interval``: what fills a buffer
-        is acked at once (a blocked producer never waits on a timer), what trickles is acked in
-        batches of one message per interval.  ``force`` acks everything now
-        (closing).
+        A stream is acked at once when its ack step (:func:`ack_step`: half a
+        buffer, or more when the broker publishes parked events) was taken
+        since its last ack, or half a buffer and nothing more of it is ready
+        (so a blocked producer never waits on a timer); otherwise what was
+        taken is acked at most every ``ack_interval``, one message for every
+        stream.  ``force`` acks everything now (closing).
         """
         due = force or now - self._last_ack >= self.ack_interval
         flat: list[Any] = []
         unacked = self._unacked
-        # Between intervals only the cursors an ack step ahead can be due: a
-        # subscriber following thousands of streams does not look at every one.
-        candidates = list((unacked if due else self._half).items())
-        self._half.clear()
+        # Between intervals only the streams _take found due: a subscriber
+        # following thousands of streams does not look at every one.  (Each
+        # qualified when taken, and acks() runs right after; what arrived since
+        # does not take it back.)
+        candidates = list((unacked if due else self._due).items())
+        self._due.clear()
         for sid, cursor in candidates:
             if unacked.get(sid) is not cursor:
                 continue  # acked already, or removed
             taken = cursor.taken
-            if taken <= cursor.acked:
-                del unacked[sid]
-            elif due or _due(cursor, taken - cursor.acked):
+            if taken > cursor.acked:
                 flat.append(sid)
                 flat.append(taken)
                 cursor.acked = taken
-                del unacked[sid]
+            del unacked[sid]
         if flat:
             self._last_ack = now
         self.ack_due = False
