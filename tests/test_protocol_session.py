@@ -287,3 +287,15 @@ def test_restarted() -> None:
     assert s.restarted("b2")
     assert not s.restarted(None)
     assert not s.restarted(12)
+
+
+@pytest.mark.parametrize(
+    ("limits", "window"),
+    [
+        ({"window": 4096, "publishes_parked": True}, 4096),  # memory only
+        ({"window": 4096, "publishes_parked": False}, 0),  # durable
+        ({"window": 4096}, 0),  # a broker that does not say
+    ],
+)
+def test_parked_window_comes_from_the_limits(limits: dict[str, Any], window: int) -> None:
+    assert Handshake("b" * 16, "tcp://i", "tcp://p", limits).parked_window == window

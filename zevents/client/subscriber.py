@@ -48,10 +48,7 @@ class _SubscriberLogic(_ClientBase):
     ) -> tuple[str, str, bytes]:
         token = os.urandom(12)
         # (Each time: a reconnection may have found another broker.)
-        limits = self.handshake.limits
-        self._state.parked_window = (
-            int(limits.get("window", 0)) if limits.get("publishes_parked") else 0
-        )
+        self._state.parked_window = self.handshake.parked_window
         self._state.add(stream_id)
         self._sub.subscribe(frames.topic(stream_id))
         self._sub.subscribe(b"\x00" + token)  # after the topic: see BrokerCore.on_subscription

@@ -35,6 +35,15 @@ class Handshake:
     publish: str
     limits: dict[str, Any]
 
+    @property
+    def parked_window(self) -> int:
+        """How far past a full BLOCK buffer a producer's events are published: its
+        window when the broker publishes parked events (memory only), else 0
+        (a durable broker, or one that does not say)."""
+        if not self.limits.get("publishes_parked"):
+            return 0
+        return int(self.limits.get("window", 0))
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:
